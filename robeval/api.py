@@ -1,0 +1,59 @@
+"""The Python entry points that mirror the CLI: ``certify`` a model on data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy
+
+from .errors import InvalidParameterError
+from .report.results import CertificationResult
+
+
+def as_arrays(data: Any, limit: int | None = None) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """(x, y) from a robeval Dataset, an (x, y) pair, or a dict with 'x' and 'y'."""
+    if hasattr(data, "x") and hasattr(data, "y"):
+        x, y = data.x, data.y
+    elif isinstance(data, dict):
+        x, y = data["x"], data["y"]
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    else:
+        raise InvalidParameterError(f"data of type {type(data).__name__} is not understood; pass a robeval "
+                                    "Dataset, an (x, y) pair of arrays, or robeval.data.load_dataset('mnist')")
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidParameterError(f"limit={limit!r}; expected a positive integer")
+        x, y = x[:limit], y[:limit]
+    return x, y
+
+
+def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[float] = 0.1, norm: str = "linf",
+            device: str = "cpu", batch_size: int | None = None, domain=(0.0, 1.0), limit: int | None = None,
+            progress: bool = False, **options) -> CertificationResult:
+    """Certify ``model`` (any adapter input: path, torch/keras model, ONNX, Network) on ``data``.
+
+    >>> # result = robeval.certify("model.onnx", robeval.data.load_dataset("mnist"), eps=[0.01, 0.1])
+    >>> # result.certified_accuracy
+    """
+    from .adapters.base import load_model
+    from .certifiers import get_certifier
+
+    adapter = load_model(model)
+    net = adapter.to_network()
+    x, y = as_arrays(data, limit)
+    x = _to_model_layout(adapter, x)
+    certifier = get_certifier(method, norm=norm, device=device, batch_size=batch_size, domain=domain,
+                              progress=progress, **options)
+    return certifier.certify(net, x, numpy.asarray(y), eps)
+
+
+def _to_model_layout(adapter: Any, x):
+    """Data arrive NCHW; the network representation is always NCHW, so nothing to do unless the
+    data are channels-last and the shapes say so."""
+    shape = tuple(x.shape[1:])
+    want = tuple(adapter.input_shape)
+    if shape != want and len(shape) == 3 and shape == (want[1], want[2], want[0]):
+        return numpy.ascontiguousarray(numpy.asarray(x).transpose(0, 3, 1, 2))
+    return x

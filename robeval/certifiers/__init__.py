@@ -1,0 +1,31 @@
+"""Certifiers (sound lower bounds on robustness) and attacks (upper bounds).
+
+``CERTIFIERS`` maps a method name to its class; ``get_certifier`` builds one with validated options."""
+
+from __future__ import annotations
+
+from ..errors import InvalidParameterError
+from .base import Certifier
+from .ibp import IBP, ibp_margin_bounds
+from .lipschitz import LipschitzMargin, certified_radii, pairwise_lipschitz
+
+CERTIFIERS: dict[str, type[Certifier]] = {"ibp": IBP, "lipschitz": LipschitzMargin}
+
+
+def register_certifier(cls: type[Certifier]) -> type[Certifier]:
+    """Add a certifier class under its ``name`` (used by optional modules such as CROWN)."""
+    CERTIFIERS[cls.name] = cls
+    return cls
+
+
+def get_certifier(method: str, **options) -> Certifier:
+    """A certifier instance by method name, e.g. get_certifier("ibp", norm="linf")."""
+    try:
+        cls = CERTIFIERS[method.lower()]
+    except KeyError:
+        raise InvalidParameterError(f"method={method!r} is not known; expected one of {sorted(CERTIFIERS)}") from None
+    return cls(**options)
+
+
+__all__ = ["CERTIFIERS", "Certifier", "IBP", "LipschitzMargin", "get_certifier", "register_certifier",
+           "ibp_margin_bounds", "certified_radii", "pairwise_lipschitz"]

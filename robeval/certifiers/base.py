@@ -88,7 +88,7 @@ def prepare_network(net: Network, rule: str | None) -> tuple[Network, list[str]]
     notes = [f"stripped {s} from the output: margins are computed on the logits" for s in stripped]
     if rule is not None:
         missing = stripped_net.unsupported(rule)
-        if missing:
+        if missing:  # every unsupported op at once, each with its node name
             raise UnsupportedOpError(missing, "robeval network (for this certifier)")
     return stripped_net, notes
 
@@ -114,6 +114,12 @@ class Certifier:
         if self.dtype not in (numpy.float32, numpy.float64):
             raise InvalidParameterError(f"dtype={self.dtype}; expected float32 or float64")
         self.progress = progress
+
+    @classmethod
+    def unsupported_ops(cls, net: Network) -> list[tuple[str, str]]:
+        """(op, node) pairs this certifier cannot handle in ``net`` (after stripping a softmax)."""
+        stripped, _ = net.strip_output_squashers()
+        return stripped.unsupported(cls.rule) if cls.rule else []
 
     # -- what subclasses provide
     def margin_lower(self, net, x, y, eps):

@@ -19,10 +19,11 @@ def folded_margin_lower(xp, head, y, lo, hi):
     u = float(xp.finfo(dtype).eps)
     mid = (lo + hi) * 0.5
     rad = (hi - lo) * 0.5 + u * (xp.abs(lo) + xp.abs(hi))
-    centre = xp.einsum("nkd,nd->nk", w, mid)
-    radius = xp.einsum("nkd,nd->nk", xp.abs(w), rad * (1 + gam) + gam * xp.abs(mid)) * (1 + gam)
-    # forming W_y - W_j rounds once per entry: covered by an extra u |W_y - W_j| (|mid| + rad) term
-    radius = radius + u * xp.einsum("nkd,nd->nk", xp.abs(w), xp.abs(mid) + rad)
+    # one product for the radius: the centre product's error gamma |w| |mid| and the rounding of
+    # forming W_y - W_j (u |w| (|mid| + rad)) ride along with |w| rad
+    spread = rad * (1 + gam + u) + (gam + u) * xp.abs(mid)
+    centre = xp.matmul(w, mid[:, :, None])[..., 0]
+    radius = xp.matmul(xp.abs(w), spread[:, :, None])[..., 0] * (1 + gam)
     if b is not None:
         centre = centre + b
         radius = radius + (gam + u) * xp.abs(b)

@@ -30,8 +30,7 @@ def split_margin_head(net: Network) -> MarginHead:
     if (last is None or last.name != net.output_name or last.op != "dense"
             or (last.inputs[0] != net.input_name and net.consumers(last.inputs[0]) != [last])):
         return MarginHead(net, None)
-    body = Network(net.nodes[:-1], net.input_shape, net.input_name, last.inputs[0], net.meta)
-    return MarginHead(body, last)
+    return MarginHead(net.prefix(last.inputs[0]), last)
 
 
 def margin_weights(xp, head: Node, y: Any) -> tuple[Any, Any]:

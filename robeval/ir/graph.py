@@ -47,14 +47,16 @@ class Network:
     """
 
     def __init__(self, nodes: Sequence[Node], input_shape: Sequence[int], input_name: str = "input",
-                 output_name: str | None = None, meta: dict | None = None):
+                 output_name: str | None = None, meta: dict | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None):
         self.nodes = list(nodes)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.input_name = input_name
         self.output_name = output_name or (self.nodes[-1].name if self.nodes else input_name)
         self.meta = dict(meta or {})
         self._check_structure()
-        self._shapes = self._annotate_shapes()
+        # ``shapes`` lets a sub-network of an annotated network skip the annotating forward pass
+        self._shapes = self._annotate_shapes() if shapes is None else dict(shapes)
 
     # ------------------------------------------------------------------ structure
     def _check_structure(self) -> None:
@@ -126,33 +128,35 @@ class Network:
         return numpy.dtype(numpy.float32)
 
     def strip_output_squashers(self) -> tuple[Network, list[str]]:
-        """The network without a trailing Softmax/LogSoftmax (and identities after it), plus what was removed."""
-        nodes = list(self.nodes)
+        """The network without a trailing Softmax/LogSoftmax (and identities around it), plus what was removed."""
+        by_name = {n.name: n for n in self.nodes}
+        chain: list[Node] = []  # output-side chain of single-input pass-through / squasher nodes
         out = self.output_name
-        stripped: list[str] = []
-        while nodes and nodes[-1].name == out and nodes[-1].op in OUTPUT_SQUASHERS + ("identity",):
-            if nodes[-1].op == "identity" and not stripped and not self._ends_in_squasher(nodes):
+        while out in by_name and by_name[out].op in OUTPUT_SQUASHERS + ("identity",):
+            node = by_name[out]
+            readers = [n for n in self.nodes if out in n.inputs]
+            if len(node.inputs) != 1 or any(r not in chain for r in readers):
                 break
-            node = nodes.pop()
-            if len(self.consumers(node.name)) or len(node.inputs) != 1:
-                nodes.append(node)
-                break
-            if node.op != "identity":
-                stripped.append(f"{node.op} '{node.name}'")
+            chain.append(node)
             out = node.inputs[0]
-        if not stripped:
+        cut = max((i for i, n in enumerate(chain) if n.op in OUTPUT_SQUASHERS), default=None)
+        if cut is None:
             return self, []
+        removed = {n.name for n in chain[: cut + 1]}
+        stripped = [f"{n.op} '{n.name}'" for n in reversed(chain[: cut + 1]) if n.op != "identity"]
+        new_out = chain[cut].inputs[0]
+        nodes = [n for n in self.nodes if n.name not in removed]
         meta = dict(self.meta, stripped=stripped)
-        return Network(nodes, self.input_shape, self.input_name, out, meta), stripped
+        shapes = {k: v for k, v in self._shapes.items() if k not in removed}
+        return Network(nodes, self.input_shape, self.input_name, new_out, meta, shapes), stripped
 
-    @staticmethod
-    def _ends_in_squasher(nodes: list[Node]) -> bool:
-        for node in reversed(nodes):
-            if node.op in OUTPUT_SQUASHERS:
-                return True
-            if node.op != "identity":
-                return False
-        return False
+    def prefix(self, output_name: str) -> Network:
+        """The sub-network that ends at node ``output_name`` (nodes after it dropped)."""
+        names = [n.name for n in self.nodes]
+        end = names.index(output_name) + 1 if output_name != self.input_name else 0
+        keep = {self.input_name, *names[:end]}
+        shapes = {k: v for k, v in self._shapes.items() if k in keep}
+        return Network(self.nodes[:end], self.input_shape, self.input_name, output_name, self.meta, shapes)
 
     # ------------------------------------------------------------------ walking
     def check_input(self, x: Array) -> Array:
@@ -162,9 +166,10 @@ class Network:
             hint = ""
             if shape == self.input_shape:
                 hint = "; add a batch axis: x[None]"
-            elif len(shape) == len(self.input_shape) and shape[1:] == self.input_shape[1:] + (1,):
+            elif len(shape) == 4 and len(self.input_shape) == 3 and shape[1:] == (
+                    self.input_shape[1], self.input_shape[2], self.input_shape[0]):
                 hint = "; the data look channels-last (NHWC): transpose to NCHW with x.transpose(0, 3, 1, 2)"
-            elif len(shape) + 1 == len(self.input_shape) + 1 and shape[1:] == self.input_shape[1:]:
+            elif len(shape) == len(self.input_shape) and shape[1:] == self.input_shape[1:]:
                 hint = "; add a channel axis: x[:, None]"
             raise InputShapeError(f"input has shape {shape}; expected (N, {', '.join(map(str, self.input_shape))})"
                                   + hint)

@@ -139,27 +139,35 @@ class AffineOp(Op):
 
     def interval(self, xp, node, *bounds):
         dtype = bounds[0][0].dtype
-        n = self.fan_in(node)
-        gam = gamma(n + 2, dtype) if n else 0.0
+        gam = gamma(self.fan_in(node) + 2, dtype)
         u = float(xp.finfo(dtype).eps)
         mids, rads = [], []
         for lo, hi in bounds:
-            mid = (lo + hi) * 0.5
-            rad = (hi - lo) * 0.5
-            rad = rad + u * (xp.abs(lo) + xp.abs(hi))  # the centre and radius themselves round
+            mid = lo + hi
+            mid *= 0.5
+            # |lo| + |hi| >= 2 |mid| and >= hi - lo: one slack term covers the rounding of the centre
+            # and radius here and, through |L|, the error gamma |L| |mid| of the centre's product
+            slack = xp.abs(lo)
+            slack += xp.abs(hi)
+            slack *= u * (1 + gam) + 0.5 * gam
+            rad = hi - lo
+            rad *= 0.5 * (1 + gam)
+            rad += slack
             mids.append(mid)
-            rads.append(rad if not gam else rad * (1 + gam) + gam * xp.abs(mid))
+            rads.append(rad)
         centre = self.linear(xp, node, *mids)
         radius = self.abs_linear(xp, node, *rads)
-        if gam:
-            radius = radius * (1 + gam)
         b = self.bias(xp, node)
         if b is not None:
             centre = centre + b
-            if gam:
-                radius = radius + gam * xp.abs(b)
-        lo, hi = centre - radius, centre + radius
-        return widen(xp, lo, hi, u) if gam else (lo, hi)
+        # the radius product rounds (gamma), the bias sum and the final +/- round (2u |centre| + 2u radius)
+        radius *= 1 + gam + 2 * u
+        slack = xp.abs(centre)
+        slack *= 2 * u
+        radius += slack
+        if b is not None:
+            radius += gam * xp.abs(b) + float(xp.finfo(dtype).tiny)
+        return centre - radius, centre + radius
 
     def lipschitz(self, node, in_lips, in_shapes):
         return self.op_norm(node, in_shapes) * in_lips[0]

@@ -3,6 +3,8 @@ and the output squashers Softmax / LogSoftmax (which certifiers strip from the e
 
 from __future__ import annotations
 
+import math
+
 from ..registry import ElementwiseOp, Op, StructuralOp, register
 
 
@@ -12,6 +14,39 @@ def _chord(xp, f, lo, hi):
     safe = xp.where(width > 0, width, 1.0)
     slope = xp.where(width > 0, (f(hi) - f(lo)) / safe, 0.0)
     return slope, f(lo) - slope * lo
+
+
+def _logsumexp_others(xp, v, ax):
+    """log sum_{j != i} exp(v_j) for every i along ``ax`` (at least two entries there), and a bound on
+    its absolute rounding error.
+
+    Each sum is shifted by the largest *other* entry, so it is >= 1: nothing underflows to 0, and
+    nothing cancels (log(sum_j exp(v_j) - exp(v_i)) loses every digit when v_i dominates the sum)."""
+    eps = float(xp.finfo(v.dtype).eps)
+    m1 = v.max(axis=ax, keepdims=True)
+    is_max = v == m1
+    top = is_max & (is_max.sum(axis=ax, keepdims=True) == 1)  # the unique maximum: its others peak lower
+    others = xp.where(top, -xp.inf, v)
+    m2 = others.max(axis=ax, keepdims=True)
+    e1 = xp.exp(v - m1)
+    rest1 = e1.sum(axis=ax, keepdims=True) - e1  # >= 1 away from a unique maximum (it contributes exp(0))
+    rest2 = xp.exp(others - m2).sum(axis=ax, keepdims=True)  # >= 1 (contains exp(0))
+    lse = xp.where(top, m2, m1) + xp.log(xp.where(top, rest2, rest1))
+    # Each term's relative error: its argument rounds (|v - m| u) and exp itself (~1 ulp); terms below
+    # the smallest normal number are negligible against a sum >= 1. The sum adds K u, the subtraction
+    # at most doubles that (the sum is at most twice the rest), log and the final add round once each.
+    spread = xp.minimum(m1 - v.min(axis=ax, keepdims=True), -math.log(float(xp.finfo(v.dtype).tiny)))
+    err = eps * (2 * v.shape[ax] + 2 * spread + 8 + xp.abs(lse))
+    return lse, err
+
+
+def _inv_one_plus_exp(xp, z, err):
+    """1 / (1 + exp(z)) without overflow, and a bound on its relative error when z is off by <= err
+    (d log p / dz = p - 1, so an absolute error in z becomes at most that relative error in p)."""
+    eps = float(xp.finfo(z.dtype).eps)
+    t = xp.exp(-xp.abs(z))
+    p = xp.where(z > 0, t, 1.0) / (1.0 + t)
+    return p, 2 * (err + eps * (xp.abs(z) + 4))  # factor 2: second-order terms and the ulps of exp
 
 
 @register("relu")
@@ -73,12 +108,16 @@ class LeakyReLU(ElementwiseOp):
 
 @register("sigmoid")
 class Sigmoid(ElementwiseOp):
-    """1 / (1 + exp(-x)); 1/4-Lipschitz. Bounds widened by 4 ulps for the exp's rounding."""
+    """1 / (1 + exp(-x)); 1/4-Lipschitz. Bounds widened by 6 ulps: the forward is accurate to a few
+    ulps relative (float32 exp is off by up to ~2.5 ulps), which the widening must cover."""
 
-    ulps = 4.0
+    ulps = 6.0
 
     def forward(self, xp, node, x):
-        return 0.5 * (xp.tanh(0.5 * x) + 1.0)
+        # exp(-|x|) never overflows, and nothing cancels: 0.5 * (tanh(x / 2) + 1) loses every digit
+        # for x << 0, where tanh(x / 2) + 1 subtracts two numbers close to 1
+        t = xp.exp(-xp.abs(x))
+        return xp.where(x >= 0, 1.0, t) / (1.0 + t)
 
     def vjp(self, xp, node, xs, g):
         s = self.forward(xp, node, xs[0])
@@ -176,15 +215,18 @@ class Softmax(_Squasher):
         return (s * (g - (g * s).sum(axis=ax, keepdims=True)),)
 
     def interval(self, xp, node, bounds):
-        """p_i in [1/(1 + sum_{j!=i} exp(u_j - l_i)), 1/(1 + sum_{j!=i} exp(l_j - u_i))]."""
+        """p_i in [1/(1 + sum_{j!=i} exp(u_j - l_i)), 1/(1 + sum_{j!=i} exp(l_j - u_i))], computed as
+        1/(1 + exp(z)) with z = logsumexp_{j!=i}(.) - (.)_i, widened by a bound on its rounding."""
         lo, hi = bounds
         ax = self._axis(node)
-        m = hi.max(axis=ax, keepdims=True)
-        eu, el = xp.exp(hi - m), xp.exp(lo - m)
-        low = el / (el + eu.sum(axis=ax, keepdims=True) - eu)
-        high = eu / (eu + el.sum(axis=ax, keepdims=True) - el)
-        u = 8 * float(xp.finfo(lo.dtype).eps)
-        return xp.clip(low * (1 - u), 0, 1), xp.clip(high * (1 + u), 0, 1)
+        if lo.shape[ax] == 1:
+            return xp.ones_like(lo), xp.ones_like(hi)
+        lse_hi, err_hi = _logsumexp_others(xp, hi, ax)
+        lse_lo, err_lo = _logsumexp_others(xp, lo, ax)
+        low, rel_low = _inv_one_plus_exp(xp, lse_hi - lo, err_hi)
+        high, rel_high = _inv_one_plus_exp(xp, lse_lo - hi, err_lo)
+        tiny = float(xp.finfo(lo.dtype).tiny)
+        return xp.clip(low * (1 - rel_low) - tiny, 0, 1), xp.clip(high * (1 + rel_high) + tiny, 0, 1)
 
     def lipschitz(self, node, in_lips, in_shapes):
         return in_lips[0]  # softmax is 1-Lipschitz in L2 (Gao & Pavel 2017)
@@ -205,5 +247,6 @@ class LogSoftmax(_Squasher):
         return (g - s * g.sum(axis=ax, keepdims=True),)
 
     def lipschitz(self, node, in_lips, in_shapes):
-        k = in_shapes[0][self._axis(node)]
+        ax = self._axis(node)  # counts the batch axis; in_shapes do not
+        k = in_shapes[0][ax - 1 if ax > 0 else ax]
         return (1.0 + k ** 0.5) * in_lips[0]  # J = I - 1 p^T and ||1 p^T||_2 = sqrt(K) ||p||_2 <= sqrt(K)

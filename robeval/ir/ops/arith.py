@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import math
 
+import numpy
+
 from ..registry import AffineOp, MonotoneOp, register, widen
+
+
+def spread_lips(in_lips, in_shapes):
+    """Input Lipschitz bounds scaled by sqrt(copies) for inputs that broadcasting repeats: an input of
+    shape (C, 1, 1) added to (C, H, W) enters every output H * W times, multiplying its norm by sqrt(H W)."""
+    out = math.prod(numpy.broadcast_shapes(*(tuple(s) for s in in_shapes)))
+    return [lip * math.sqrt(out / max(math.prod(s), 1)) for lip, s in zip(in_lips, in_shapes)]
 
 
 def unbroadcast(xp, g, shape):
@@ -19,7 +28,7 @@ def unbroadcast(xp, g, shape):
 
 @register("add")
 class Add(AffineOp):
-    """x + y; Lipschitz L_x + L_y."""
+    """x + y; Lipschitz L_x + L_y (each scaled up where broadcasting repeats an input)."""
 
     def linear(self, xp, node, x, y):
         return x + y
@@ -33,12 +42,12 @@ class Add(AffineOp):
         return widen(xp, lo, hi, float(xp.finfo(lo.dtype).eps))
 
     def lipschitz(self, node, in_lips, in_shapes):
-        return in_lips[0] + in_lips[1]
+        return sum(spread_lips(in_lips, in_shapes))
 
 
 @register("sub")
 class Sub(AffineOp):
-    """x - y; Lipschitz L_x + L_y."""
+    """x - y; Lipschitz L_x + L_y (each scaled up where broadcasting repeats an input)."""
 
     def linear(self, xp, node, x, y):
         return x - y
@@ -55,15 +64,15 @@ class Sub(AffineOp):
         return widen(xp, lo, hi, float(xp.finfo(lo.dtype).eps))
 
     def lipschitz(self, node, in_lips, in_shapes):
-        return in_lips[0] + in_lips[1]
+        return sum(spread_lips(in_lips, in_shapes))
 
 
 class _Extremum(MonotoneOp):
     """Elementwise max/min of two tensors: |max(a,b) - max(a',b')| <= max(|a-a'|, |b-b'|), so the
-    L2 Lipschitz bound is sqrt(L_a^2 + L_b^2)."""
+    L2 Lipschitz bound is sqrt(L_a^2 + L_b^2) (each scaled up where broadcasting repeats an input)."""
 
     def lipschitz(self, node, in_lips, in_shapes):
-        return math.sqrt(in_lips[0] ** 2 + in_lips[1] ** 2)
+        return math.sqrt(sum(v * v for v in spread_lips(in_lips, in_shapes)))
 
 
 @register("max")

@@ -31,8 +31,11 @@ def as_arrays(data: Any, limit: int | None = None) -> tuple[numpy.ndarray, numpy
 
 def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[float] = 0.1, norm: str = "linf",
             device: str = "cpu", batch_size: int | None = None, domain=(0.0, 1.0), limit: int | None = None,
-            progress: bool = False, **options) -> CertificationResult:
+            progress: bool = False, check: bool = True, **options) -> CertificationResult:
     """Certify ``model`` (any adapter input: path, torch/keras model, ONNX, Network) on ``data``.
+
+    Before certifying, the converted network's outputs are compared with the native model's on the
+    first samples (``check=False`` skips this); a disagreement raises FidelityError.
 
     >>> # result = robeval.certify("model.onnx", robeval.data.load_dataset("mnist"), eps=[0.01, 0.1])
     >>> # result.certified_accuracy
@@ -40,10 +43,14 @@ def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[fl
     from .adapters.base import load_model
     from .certifiers import get_certifier
 
+    from .adapters.fidelity import FIDELITY_SAMPLES, check_fidelity
+
     adapter = load_model(model)
     net = adapter.to_network()
     x, y = as_arrays(data, limit)
     x = _to_model_layout(adapter, x)
+    if check:  # refuse to certify a converted network that does not compute what the model computes
+        check_fidelity(adapter, x[:FIDELITY_SAMPLES], network=net)
     certifier = get_certifier(method, norm=norm, device=device, batch_size=batch_size, domain=domain,
                               progress=progress, **options)
     return certifier.certify(net, x, numpy.asarray(y), eps)

@@ -4,8 +4,11 @@ wraps it as an adapter that predicts with onnxruntime when installed.
 The import walks the graph once in its (topological) order. A node whose inputs are all constants,
 or a Shape/Size of an input-dependent tensor, is folded (see onnx_fold); any other node goes through
 the converter table of onnx_ops, keyed by ``(op_type, since_version)``. Unsupported nodes are
-collected and reported together. Afterwards the graph is cleaned (dead nodes, pass-throughs, biases)
-and MaxMin activations written out as max/min/pool ops are fused into ``groupsort`` nodes.
+collected and reported together (the nodes after one are still checked, on the shapes ONNX shape
+inference gives its outputs). Afterwards the graph is cleaned (dead nodes, pass-throughs, reshuffles
+that cancel, constant adds folded into biases), an NHWC image input whose first use is a transpose to
+NCHW is made an NCHW input (Keras/tf2onnx models), and MaxMin activations written out as
+max/min/pool ops are fused into ``groupsort`` nodes.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def read_model(model: Any):
     else:
         path = os.fspath(model)
         source = f"'{path}'"
+        if os.path.isdir(path):
+            raise ModelLoadError(f"{source} is a directory; pass the .onnx file inside it")
         if not os.path.isfile(path):
             raise ModelLoadError(f"no such file: {source}; check the path")
         try:
@@ -125,6 +130,7 @@ class _Importer:
         self.poisoned: set[str] = set()
         self.taken = {self.input.name} | set(inits) | {o for n in self.graph.node for o in n.output}
         self.used = {i for n in self.graph.node for i in n.input} | {self.graph.output[0].name}
+        self._inferred: dict | None = None  # onnx.shape_inference's value_info, computed on the first problem
 
     # ------------------------------------------------------------------ input
     def _input_shape(self, given):
@@ -225,17 +231,39 @@ class _Importer:
             return None
         self._convert(node, label)
 
-    def _fail(self, node, op: str, label: str) -> None:
+    def _fail(self, node, op: str, label: str, outputs=None, placeholder: bool = True) -> None:
+        """Record a problem. The failed outputs stay usable as shape-only placeholders when ONNX shape
+        inference knows their shapes, so that later nodes are still checked (and reported together)."""
         self.problems.append((op, label))
-        self.poisoned.update(node.output)
+        for name in node.output if outputs is None else outputs:
+            shape = self._inferred_shape(name) if placeholder and name else None
+            if shape is None:
+                self.poisoned.add(name)
+            else:
+                self.dyn[name], self.shapes[name] = name, shape
+
+    def _inferred_shape(self, name: str) -> tuple[int, ...] | None:
+        if self._inferred is None:
+            from onnx import shape_inference
+
+            try:
+                graph = shape_inference.infer_shapes(self.proto, data_prop=True).graph
+                self._inferred = {v.name: v for v in list(graph.value_info) + list(graph.output)}
+            except Exception:
+                self._inferred = {}
+        info = self._inferred.get(name)
+        if info is None or not info.type.tensor_type.HasField("shape"):
+            return None
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in info.type.tensor_type.shape.dim]
+        return tuple(dims[1:]) if len(dims) >= 2 and all(d > 0 for d in dims[1:]) else None
 
     def _fold(self, node, label: str) -> None:
         if node.op_type in fold.RANDOM_OPS:
-            return self._fail(node, f"{node.op_type} (random values cannot be folded)", label)
+            return self._fail(node, f"{node.op_type} (random values cannot be folded)", label, placeholder=False)
         try:
             values = fold.fold_node(node, [self.consts[i] if i else None for i in node.input], self.opset)
         except fold.FoldError as exc:
-            return self._fail(node, f"{node.op_type} (constant folding failed: {exc})", label)
+            return self._fail(node, f"{node.op_type} (constant folding failed: {exc})", label, placeholder=False)
         for name, pair in zip(node.output, values):
             if name:
                 self.consts[name] = pair
@@ -263,7 +291,7 @@ class _Importer:
             if name in made:
                 self.dyn[name] = name
             elif name and name in self.used:
-                self._fail(node, f"{node.op_type}: output {i} ('{name}') is not supported", label)
+                self._fail(node, f"{node.op_type}: output {i} ('{name}') is not supported", label, [name])
 
     def _add(self, n: Node, onnx_node, label: str) -> None:
         """Append a node and record its per-sample output shape from a forward on one zero sample."""
@@ -293,6 +321,8 @@ class OnnxModel:
         model: path to a ``.onnx`` file or an ``onnx.ModelProto``.
         input_shape: per-sample input shape, when the model leaves it symbolic.
         batch_size: samples per onnxruntime call.
+        channels_last: see ``load_onnx``; when the network takes NCHW for an NHWC model,
+            ``channels_last`` is True and ``predict`` transposes its NCHW inputs for onnxruntime.
 
     >>> model = OnnxModel("mlp.onnx")        # doctest: +SKIP
     >>> model.predict(x).argmax(1)           # doctest: +SKIP

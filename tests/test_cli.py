@@ -100,3 +100,30 @@ def test_wrong_data_shape_names_both_shapes(reference_onnx):
     result = CliRunner().invoke(main, ["certify", str(reference_onnx), "--data", "digits"])
     assert result.exit_code == 3
     assert "(1, 28, 28)" in result.output and "(1, 8, 8)" in result.output
+
+
+def test_attack_never_beats_the_certificate(tmp_path):
+    """PGD robust accuracy is an upper bound, IBP certified accuracy a lower bound, on the same samples."""
+    out = tmp_path / "a.json"
+    result = run("attack", "--attack", "pgd", "--eps", "0.05,0.1", "--steps", "10", "--limit", "120",
+                 "--json", str(out))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    import robeval
+    from robeval.cli.common import builtin_model_path
+    from robeval.data import load_dataset
+
+    cert = robeval.certify(builtin_model_path(), load_dataset("digits", limit=120), eps=[0.05, 0.1])
+    for i, r in enumerate(payload["results"]):
+        adv_right = numpy.array(r["samples"]["adv_prediction"]) == numpy.array(r["samples"]["label"])
+        verified = cert.verdicts[:, i] == "verified"
+        assert adv_right[verified].all(), "an attack broke a certified sample"
+        assert r["robust_accuracy"] >= cert.certified_accuracy[i]
+
+
+def test_sweep_is_reproducible():
+    a = run("sweep", "--noise", "pixels", "--levels", "0,0.3", "--draws", "2", "--limit", "60", "--seed", "3")
+    b = run("sweep", "--noise", "pixels", "--levels", "0,0.3", "--draws", "2", "--limit", "60", "--seed", "3")
+    assert a.exit_code == 0, a.output
+    assert a.output == b.output
+    assert "95% interval" in a.output

@@ -17,7 +17,7 @@ def loss_and_cotangent(xp, logits, y, loss: str):
         z = logits - logits.max(axis=1, keepdims=True)
         p = xp.exp(z)
         p /= p.sum(axis=1, keepdims=True)
-        value = -xp.log(xp.maximum(p[idx, y], 1e-300))
+        value = -xp.log(xp.maximum(p[idx, y], float(xp.finfo(p.dtype).tiny)))
         g = p.copy()
         g[idx, y] -= 1.0
         return value, g

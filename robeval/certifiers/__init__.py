@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 from ..errors import InvalidParameterError
+from .apgd import APGD
+from .attacks import FGSM, PGD, Attack, attack, get_attack
 from .base import Certifier
+from .consistency import ConsistencyError, GradientMaskingWarning
 from .ibp import IBP, ibp_margin_bounds
 from .lipschitz import LipschitzMargin, certified_radii, pairwise_lipschitz
+from .noise import NoiseSweep, sweep
 
 CERTIFIERS: dict[str, type[Certifier]] = {"ibp": IBP, "lipschitz": LipschitzMargin}
 
@@ -28,4 +32,5 @@ def get_certifier(method: str, **options) -> Certifier:
 
 
 __all__ = ["CERTIFIERS", "Certifier", "IBP", "LipschitzMargin", "get_certifier", "register_certifier",
-           "ibp_margin_bounds", "certified_radii", "pairwise_lipschitz"]
+           "ibp_margin_bounds", "certified_radii", "pairwise_lipschitz", "Attack", "FGSM", "PGD", "APGD",
+           "attack", "get_attack", "NoiseSweep", "sweep", "ConsistencyError", "GradientMaskingWarning"]

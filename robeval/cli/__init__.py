@@ -5,7 +5,11 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .attack import attack, sweep
+from .audit import audit
 from .certify import certify
+from .demo import demo
+from .gate import gate
 from .info import info
 
 
@@ -17,5 +21,10 @@ def main():
 
 main.add_command(info)
 main.add_command(certify)
+main.add_command(attack)
+main.add_command(sweep)
+main.add_command(audit)
+main.add_command(gate)
+main.add_command(demo)
 
 __all__ = ["main"]

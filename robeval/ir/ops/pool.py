@@ -37,14 +37,25 @@ class MaxPool(MonotoneOp):
         return out
 
     def vjp(self, xp, node, xs, g):
+        """Route each window's cotangent to its first maximal entry (row-major), one kernel offset
+        at a time: kh*kw elementwise passes instead of an argmax over tiny strided axes."""
         kernel, stride, pads = _pool_attrs(node)
         x = xs[0]
         win = windows(xp, pad2d(xp, x, pads, value=-xp.inf), kernel, stride, (1, 1))
-        n, c, ho, wo, kh, kw = win.shape
-        arg = win.reshape(n, c, ho, wo, kh * kw).argmax(axis=4)
-        onehot = (arg[..., None] == xp.arange(kh * kw)).reshape(n, c, ho, wo, kh, kw)
-        cols = onehot * g[..., None, None]
-        return (scatter_windows(xp, cols, x.shape, kernel, stride, (1, 1), pads),)
+        out = self.forward(xp, node, x)
+        taken = xp.zeros(out.shape, dtype=bool)
+        n, c, h, w = x.shape
+        t, l, b, r = pads
+        grad = xp.zeros((n, c, h + t + b, w + l + r), dtype=g.dtype)
+        sh, sw = stride
+        ho, wo = out.shape[2:]
+        for i in range(kernel[0]):
+            for j in range(kernel[1]):
+                hit = win[..., i, j] == out
+                hit &= ~taken
+                taken |= hit
+                grad[:, :, i: i + sh * (ho - 1) + 1: sh, j: j + sw * (wo - 1) + 1: sw] += g * hit
+        return (grad[:, :, t: t + h, l: l + w],)
 
     def lipschitz(self, node, in_lips, in_shapes):
         kernel, stride, _ = _pool_attrs(node)

@@ -31,7 +31,8 @@ def as_arrays(data: Any, limit: int | None = None) -> tuple[numpy.ndarray, numpy
 
 def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[float] = 0.1, norm: str = "linf",
             device: str = "cpu", batch_size: int | None = None, domain=(0.0, 1.0), limit: int | None = None,
-            progress: bool = False, check: bool = True, **options) -> CertificationResult:
+            progress: bool = False, check: bool = True, input_shape: tuple[int, ...] | None = None,
+            **options) -> CertificationResult:
     """Certify ``model`` (any adapter input: path, torch/keras model, ONNX, Network) on ``data``.
 
     Before certifying, the converted network's outputs are compared with the native model's on the
@@ -41,11 +42,10 @@ def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[fl
     >>> # result.certified_accuracy
     """
     from .adapters.base import load_model
+    from .adapters.fidelity import FIDELITY_SAMPLES, check_fidelity
     from .certifiers import get_certifier
 
-    from .adapters.fidelity import FIDELITY_SAMPLES, check_fidelity
-
-    adapter = load_model(model)
+    adapter = load_model(model, input_shape=input_shape)
     net = adapter.to_network()
     x, y = as_arrays(data, limit)
     x = _to_model_layout(adapter, x)
@@ -57,10 +57,14 @@ def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[fl
 
 
 def _to_model_layout(adapter: Any, x):
-    """Data arrive NCHW; the network representation is always NCHW, so nothing to do unless the
-    data are channels-last and the shapes say so."""
+    """Data arrive NCHW and the representation is NCHW; transpose only when the shapes say the data
+    are channels-last for an NCHW model, or NCHW for a model whose network takes NHWC input."""
     shape = tuple(x.shape[1:])
     want = tuple(adapter.input_shape)
-    if shape != want and len(shape) == 3 and shape == (want[1], want[2], want[0]):
+    if shape == want or len(shape) != 3 or len(want) != 3:
+        return x
+    if shape == (want[1], want[2], want[0]):
         return numpy.ascontiguousarray(numpy.asarray(x).transpose(0, 3, 1, 2))
+    if shape == (want[2], want[0], want[1]):
+        return numpy.ascontiguousarray(numpy.asarray(x).transpose(0, 2, 3, 1))
     return x

@@ -57,6 +57,8 @@ def sniff_format(path: Path) -> str:
         head = fh.read(8)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "h5"
+    if head[:1] == b"\x80":  # a bare pickle: torch.save's legacy (non-zip) format
+        return "torch"
     if head.startswith(b"PK"):
         import zipfile
 

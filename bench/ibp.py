@@ -73,11 +73,11 @@ def main():
         net = net.to(args.device, dtype=numpy.float64)
         batches = [(x[i:i + args.batch], y[i:i + args.batch]) for i in range(0, len(ds), args.batch)]
 
-        def forward():
+        def forward(net=net, batches=batches):
             for xb, _ in batches:
                 net.forward(xb)
 
-        def ibp():
+        def ibp(net=net, batches=batches):
             for xb, yb in batches:
                 ibp_margin_bounds(net, xb, yb, args.eps)
 

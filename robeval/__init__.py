@@ -21,7 +21,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "certify", "attack", "sweep", "load_model", "load_dataset", "Network", "Node",
+    "__version__", "certify", "attack", "sweep", "audit", "load_model", "load_dataset", "Network", "Node",
     "RobevalError", "InvalidParameterError", "InputShapeError", "DataRangeError", "DataNotFoundError",
     "ModelLoadError", "UnsupportedOpError",
 ]
@@ -32,6 +32,10 @@ def __getattr__(name):  # lazy re-exports keep `import robeval` light
         from .api import certify
 
         return certify
+    if name == "audit":
+        from .auditor import audit
+
+        return audit
     if name in ("attack", "sweep"):
         from . import certifiers
 

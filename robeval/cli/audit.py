@@ -49,8 +49,8 @@ def audit(model, profile, norm, eps_text, domain_text, out_dir, class_path, trus
     FGSM/PGD/APGD, IBP/CROWN/Lipschitz certificates where the model allows, consistency and
     gradient-masking checks. Writes report.json, report.html (one self-contained page) and
     report.md (for pull-request comments) into --out."""
-    from ..audit import audit as audit_api
-    from ..audit import get_profile
+    from ..auditor import audit as audit_api
+    from ..auditor import get_profile
 
     eps_values = check_eps_text(parse_floats(eps_text)) if eps_text else None
     prof = get_profile(profile)

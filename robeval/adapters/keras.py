@@ -27,7 +27,7 @@ import keras
 import numpy
 import tensorflow as tf
 
-from ..errors import InputShapeError, InvalidParameterError, ModelLoadError, UnsupportedOpError
+from ..errors import InputShapeError, InvalidParameterError, ModelLoadError, RobevalError, UnsupportedOpError
 from ..ir.graph import Network, Node
 from . import layout
 from .gradients import LOSSES
@@ -52,6 +52,9 @@ class KerasModel:
 
     def __init__(self, model: Any, input_shape: tuple[int, ...] | None = None, batch_size: int = BATCH_SIZE,
                  source: str | None = None):
+        base = getattr(model, "base_model", None)  # robeval's training wrappers: certify the wrapped model
+        if isinstance(base, keras.Model) and type(model).__module__.startswith("robeval.training.keras"):
+            model = base
         if not isinstance(model, keras.Model):
             raise ModelLoadError(f"KerasModel needs a keras.Model, not {type(model).__module__}.{type(model).__name__}")
         if not model.built or not getattr(model, "inputs", None):
@@ -82,6 +85,7 @@ class KerasModel:
 
         path = Path(path)
         fmt = sniff_format(path)
+        _register_training_layers()
         suffix = {"keras": ".keras", "h5": ".h5"}.get(fmt)
         if suffix is None:
             raise ModelLoadError(f"{path} is a {fmt} file, not a Keras model (.keras or .h5)")
@@ -566,3 +570,12 @@ LAYERS = {
     **{cls: _alias for cls in (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.GaussianNoise,
                                L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization, L.Identity)},
 }
+
+
+def _register_training_layers() -> None:
+    """Import robeval's Keras training layers so that files containing them deserialise (they are
+    registered Keras serializables); harmless when that plugin cannot load on this Keras backend."""
+    try:
+        import robeval.training.keras  # noqa: F401
+    except (ImportError, RobevalError):
+        pass

@@ -34,3 +34,5 @@ def get_certifier(method: str, **options) -> Certifier:
 __all__ = ["CERTIFIERS", "Certifier", "IBP", "LipschitzMargin", "get_certifier", "register_certifier",
            "ibp_margin_bounds", "certified_radii", "pairwise_lipschitz", "Attack", "FGSM", "PGD", "APGD",
            "attack", "get_attack", "NoiseSweep", "sweep", "ConsistencyError", "GradientMaskingWarning"]
+
+from . import crown  # noqa: E402,F401  (registers crown, crown-pure, crown-ibp and best)

@@ -16,6 +16,41 @@ def _chord(xp, f, lo, hi):
     return slope, f(lo) - slope * lo
 
 
+def _s_shaped_upper(xp, f, df, lo, hi, steps=40):
+    """Upper line of f, convex below 0 and concave above, on [lo, hi] (CROWN, Zhang et al. 2018):
+    concave case (lo >= 0) the tangent at the midpoint; convex case (hi <= 0) the chord; mixed case
+    the chord when f'(hi) >= its slope (then f - chord <= 0 on both pieces), else the tangent at a
+    d in [0, hi] with f(d) + f'(d) (lo - d) >= f(lo), found by bisection (any such d is valid)."""
+    width = hi - lo
+    flo = f(lo)
+    chord = xp.where(width > 0, (f(hi) - flo) / xp.where(width > 0, width, 1.0), df(lo))
+    mixed = (lo < 0) & (hi > 0)
+    a, b = xp.zeros_like(lo), xp.where(mixed, hi, 0.0)
+    for _ in range(steps):  # bisection on every neuron at once: g(d) rises with d on [0, hi]
+        d = 0.5 * (a + b)
+        ok = f(d) + df(d) * (lo - d) >= flo
+        a, b = xp.where(ok, a, d), xp.where(ok, d, b)
+    point = xp.where(mixed, b, 0.5 * (lo + hi))
+    tangent = df(point)
+    use_chord = (hi <= 0) | (mixed & (df(hi) >= chord))
+    slope = xp.where(use_chord, chord, tangent)
+    return slope, xp.where(use_chord, flo - chord * lo, f(point) - tangent * point)
+
+
+def _s_shaped_relax(xp, f, df, centre, lo, hi):
+    """Sound lines for f point-symmetric about (0, centre): the upper line from _s_shaped_upper,
+    the lower one mirrored (f(x) = 2 centre - f(-x)). Both are pushed out by 16 machine epsilons of
+    |slope| max|x| + |intercept| + 1, which covers the few roundings of each line and the absolute
+    error (a few ulps of 1) of computing f, f' (|f| <= 1 for sigmoid and tanh)."""
+    us, ub = _s_shaped_upper(xp, f, df, lo, hi)
+    ls, lb = _s_shaped_upper(xp, f, df, -hi, -lo)
+    lb = 2 * centre - lb
+    m = xp.maximum(xp.abs(lo), xp.abs(hi))
+    fi = xp.finfo(lo.dtype)
+    slack = lambda s, b: 16 * float(fi.eps) * (xp.abs(s) * m + xp.abs(b) + 1.0) + float(fi.tiny)  # noqa: E731
+    return ls, lb - slack(ls, lb), us, ub + slack(us, ub)
+
+
 def _logsumexp_others(xp, v, ax):
     """log sum_{j != i} exp(v_j) for every i along ``ax`` (at least two entries there), and a bound on
     its absolute rounding error.
@@ -123,6 +158,11 @@ class Sigmoid(ElementwiseOp):
         s = self.forward(xp, node, xs[0])
         return (g * s * (1 - s),)
 
+    def relax(self, xp, node, lo, hi):
+        """CROWN's tangent/chord lines (see _s_shaped_relax), sound in floating point."""
+        f = lambda v: self.forward(xp, node, v)  # noqa: E731
+        return _s_shaped_relax(xp, f, lambda v: f(v) * (1 - f(v)), 0.5, lo, hi)
+
     def slope_bound(self, node):
         return 0.25
 
@@ -139,6 +179,10 @@ class Tanh(ElementwiseOp):
     def vjp(self, xp, node, xs, g):
         t = xp.tanh(xs[0])
         return (g * (1 - t * t),)
+
+    def relax(self, xp, node, lo, hi):
+        """CROWN's tangent/chord lines (see _s_shaped_relax), sound in floating point."""
+        return _s_shaped_relax(xp, xp.tanh, lambda v: 1 - xp.tanh(v) ** 2, 0.0, lo, hi)
 
     def slope_bound(self, node):
         return 1.0

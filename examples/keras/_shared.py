@@ -1,0 +1,92 @@
+"""Helpers shared by the Keras training examples: options, TensorFlow threads, MNIST (NHWC), timing.
+
+MNIST is read with ``robeval.data.load_dataset`` when that module finds it, else straight from the
+Keras-format ``mnist.npz`` named by ``$ROBEVAL_DATA`` (a file, or a folder holding it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_args(description: str, epochs: int, **extra: tuple[type, object, str]) -> argparse.Namespace:
+    """--epochs, --quick, --seed, --threads, --out and ``name=(type, default, help)`` extras.
+
+    Sets TensorFlow's thread pools and Keras's seeds, so call it before building any model.
+    """
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
+    p.add_argument("--quick", action="store_true", help="tiny run on a data subset (smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="TensorFlow CPU threads (default 1)")
+    p.add_argument("--out", default="examples_out", help="folder for the saved .keras models")
+    for name, (typ, default, text) in extra.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=default, help=text)
+    args = p.parse_args()
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import keras
+
+    keras.utils.set_random_seed(args.seed)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def _npz_path() -> Path:
+    env = os.environ.get("ROBEVAL_DATA", "")
+    candidates = [Path(env), Path(env) / "mnist.npz"] if env else []
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist.npz")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(
+        "MNIST not found; set ROBEVAL_DATA to mnist.npz (Keras format: x_train, y_train, x_test, y_test)"
+    )
+
+
+def load_mnist(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y): x float32 (N, 28, 28, 1) in [0, 1] (NHWC, as Keras wants), y int64 (N,)."""
+    try:
+        from robeval.data import load_dataset
+
+        ds = load_dataset("mnist", split=split, limit=limit, path=os.environ.get("ROBEVAL_DATA"), download=False)
+        x = np.asarray(ds.x, np.float32).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(x), np.asarray(ds.y, np.int64)
+    except Exception:  # noqa: BLE001 - the data module is optional here; read the npz directly
+        with np.load(_npz_path()) as f:
+            x, y = f[f"x_{split}"][:limit], f[f"y_{split}"][:limit]
+        return (x.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1), y.astype(np.int64)
+
+
+def mnist(quick: bool, n_train: int = 2000, n_test: int = 1000):
+    """Train and test arrays; small subsets when ``quick``."""
+    xtr, ytr = load_mnist("train", n_train if quick else None)
+    xte, yte = load_mnist("test", n_test if quick else None)
+    return xtr, ytr, xte, yte
+
+
+class Timer:
+    """Wall time since creation, in seconds."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def report(name: str, rows: dict[str, float | str], seconds: float) -> None:
+    """Print a result block the docs table is copied from."""
+    print(f"\n== {name} ==")
+    for k, v in rows.items():
+        print(f"{k:>44s}: {v * 100:.2f}%" if isinstance(v, float) else f"{k:>44s}: {v}")
+    print(f"{'wall time':>44s}: {seconds:.1f} s")

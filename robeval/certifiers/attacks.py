@@ -107,7 +107,7 @@ def inside_exactly(xp, xa, x0, eps: float, norm: str):
     """``xa`` moved towards x0 until ||xa - x0|| <= eps holds exactly (in float64): a projection in
     float32 can overshoot by an ulp. Every move is towards x0, so the domain stays satisfied."""
     x0_64 = x0.astype(numpy.float64)
-    for _ in range(4):
+    for attempt in range(7):
         d = xa.astype(numpy.float64) - x0_64
         if norm == "linf":
             over = xp.abs(d) > eps
@@ -122,8 +122,15 @@ def inside_exactly(xp, xa, x0, eps: float, norm: str):
             over = n > eps
             if not bool(over.any()):
                 break
-            shrunk = (x0_64 + d * _rows(eps / xp.where(over, n, 1) * (1 - 1e-6), d.ndim)).astype(xa.dtype)
+            # rounding back to float32 moves every entry by up to half an ulp, which for a small eps and
+            # many entries can exceed a fixed margin: shrink by 1e-6, 1e-5, ... until it holds
+            margin = 1e-6 * 10.0**attempt
+            shrunk = (x0_64 + d * _rows(eps / xp.where(over, n, 1) * (1 - margin), d.ndim)).astype(xa.dtype)
             xa = xp.where(_rows(over, d.ndim), shrunk, xa)
+    else:  # still outside after shrinking by up to 10%: fall back to the centre, which is inside
+        d = xa.astype(numpy.float64) - x0_64
+        n = flat_norm(xp, d, "l2") if norm == "l2" else xp.abs(d).reshape(d.shape[0], -1).max(axis=1)
+        xa = xp.where(_rows(n > eps, d.ndim), x0.astype(xa.dtype), xa)
     return xa
 
 

@@ -15,8 +15,6 @@ keras = pytest.importorskip("keras", reason="Keras 3 is not installed (pip insta
 if int(keras.__version__.split(".")[0]) < 3:
     pytest.skip(f"Keras {keras.__version__} is not Keras 3", allow_module_level=True)
 
-from adapter_models import KERAS_MODELS, digits, keras_float64_twin, train_keras  # noqa: E402
-
 import robeval  # noqa: E402
 from robeval.adapters import layout  # noqa: E402
 from robeval.adapters.base import load_model  # noqa: E402
@@ -24,6 +22,8 @@ from robeval.adapters.fidelity import check_fidelity  # noqa: E402
 from robeval.adapters.gradients import loss_and_cotangent, loss_gradient_network  # noqa: E402
 from robeval.adapters.keras import KerasModel  # noqa: E402
 from robeval.errors import InputShapeError, ModelLoadError, UnsupportedOpError  # noqa: E402
+
+from adapter_models import KERAS_MODELS, digits, keras_float64_twin, train_keras  # noqa: E402
 
 L = keras.layers
 SHAPE = (1, 8, 8)

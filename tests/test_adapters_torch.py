@@ -10,7 +10,6 @@ import numpy
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install 'robeval[torch]')")
-from adapter_models import TORCH_MODELS, digits, train_torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import robeval  # noqa: E402
@@ -19,6 +18,8 @@ from robeval.adapters.fidelity import check_fidelity  # noqa: E402
 from robeval.adapters.gradients import loss_and_cotangent, loss_gradient_network  # noqa: E402
 from robeval.adapters.torch import TorchModel  # noqa: E402
 from robeval.errors import FidelityError, ModelLoadError, UnsupportedOpError  # noqa: E402
+
+from adapter_models import TORCH_MODELS, digits, train_torch  # noqa: E402
 
 SHAPE = (1, 8, 8)
 

@@ -41,7 +41,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def mnist_file() -> Path:
-    default = Path(__file__).resolve().parents[2] / "shared/data/mnist.npz"
+    shared = Path(os.environ.get("ROBEVAL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    default = shared / "data" / "mnist.npz"
     path = Path(os.environ.get("ROBEVAL_TEST_MNIST", default))
     if not path.is_file():
         pytest.skip(f"MNIST file not found at {path}; set ROBEVAL_TEST_MNIST to a Keras mnist.npz")

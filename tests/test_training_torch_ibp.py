@@ -278,7 +278,8 @@ def test_examples_run_in_quick_mode(script, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    data = os.environ.get("ROBEVAL_DATA") or str(root.parent / "shared" / "data" / "mnist.npz")
+    shared = Path(os.environ.get("ROBEVAL_SHARED", root.parent / "shared"))
+    data = os.environ.get("ROBEVAL_DATA") or str(shared / "data" / "mnist.npz")
     if not Path(data).exists():
         pytest.skip(f"MNIST not found at {data}; set ROBEVAL_DATA")
     env = {**os.environ, "ROBEVAL_DATA": data, "PYTHONPATH": str(root)}

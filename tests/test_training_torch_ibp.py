@@ -270,7 +270,8 @@ def test_trainer_accepts_criterion_and_regulariser_forms(tmp_path):
 # ---------------------------------------------------------------- example smoke tests
 
 
-@pytest.mark.parametrize("script", ["ibp_mlp.py"])
+@pytest.mark.parametrize("script", ["ibp_mlp.py", "ibp_cnn.py", "lipschitz_mnist.py", "hkr_binary.py", "lbdn_mlp.py",
+                                    "adversarial_cnn.py", "jacobian_cnn.py"])
 def test_examples_run_in_quick_mode(script, tmp_path):
     import os
     import subprocess
@@ -286,5 +287,7 @@ def test_examples_run_in_quick_mode(script, tmp_path):
     out = subprocess.run([sys.executable, str(root / "examples" / "torch" / script), "--quick", "--out",
                           str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "clean accuracy" in out.stdout and "wall time" in out.stdout
-    assert any(p.suffix == ".onnx" for p in tmp_path.iterdir())
+    import re
+
+    assert "wall time" in out.stdout and re.search(r"\d+\.\d\d%", out.stdout), out.stdout[-2000:]
+    assert any(p.suffix in (".onnx", ".pt") for p in tmp_path.iterdir())

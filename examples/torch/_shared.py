@@ -82,3 +82,30 @@ def report(name: str, rows: dict[str, float], seconds: float) -> None:
     for k, v in rows.items():
         print(f"{k:>40s}: {v * 100:.2f}%" if isinstance(v, float) else f"{k:>40s}: {v}")
     print(f"{'wall time':>40s}: {seconds:.1f} s")
+
+
+def plot_curves(levels, curves: dict[str, np.ndarray], path: str, xlabel: str) -> str | None:
+    """Accuracy (%) against noise level, one line per curve; a (seeds, levels) array is drawn as its
+    mean with a band of +-1 standard deviation. None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for label, acc in curves.items():
+        acc = np.atleast_2d(np.asarray(acc, dtype=float)) * 100
+        mean = acc.mean(0)
+        (line,) = ax.plot(levels, mean, marker="o", label=label)
+        if len(acc) > 1:
+            sd = acc.std(0, ddof=1)
+            ax.fill_between(levels, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -6,16 +6,20 @@ CNN: conv5x5(20)-BN-ReLU, conv3x3(20)-BN-ReLU, conv3x3(20)-BN-ReLU, dense 10; SG
 estimate of ||J||_F^2 of the softmax probabilities, as MATLAB's network ends in softmax), one
 projection. MATLAB trains on its 5,000-image digit set; here a
 subset of MNIST of --train-size images is used. Test images have a proportion p of their
-pixels replaced by uniform random grey values, p = 0, 0.05, ..., 0.5.
+pixels replaced by uniform random grey values, p = 0, 0.05, ..., 0.5. With --seeds N both networks
+are trained N times (each pair from the same initial weights) and the mean and standard deviation
+of each accuracy are reported and plotted: one reference run can land far from another at high noise.
 
-    ROBEVAL_DATA=/path/to/mnist.npz python examples/torch/jacobian_cnn.py [--epochs 15] [--quick]
+    ROBEVAL_DATA=/path/to/mnist.npz python examples/torch/jacobian_cnn.py [--epochs 15] [--seeds 3] [--quick]
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
-from _shared import Timer, mnist, parse_args, report
+from _shared import Timer, mnist, parse_args, plot_curves, report
 from torch import nn
 
 from robeval.training.torch import JacobianRegularizer, Trainer, accuracy
@@ -37,29 +41,48 @@ def salt_noise(x: torch.Tensor, proportion: float, seed: int) -> torch.Tensor:
     return torch.where(pick, noise, x)
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], epochs=15,
-                      coefficient=(float, 1.0, "Jacobian regularisation coefficient"),
-                      train_size=(int, 10000, "number of MNIST training images used"))
-    timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick, n_train=1000)
-    xtr, ytr = xtr[: args.train_size], ytr[: args.train_size]
-    epochs = 1 if args.quick else args.epochs
-    nets = {"Jacobian-regularised": build(), "reference": build()}
+def train_pair(xtr, ytr, xte, yte, args, seed: int, epochs: int) -> dict[str, nn.Sequential]:
+    """The regularised and the reference CNN, both from the same initial weights and batch order."""
+    torch.manual_seed(seed)
+    start = build()
+    nets = {"Jacobian-regularised": start, "reference": copy.deepcopy(start)}
     for name, net in nets.items():
+        torch.manual_seed(seed + 1000)  # same shuffling for both
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         loss = None
         if name != "reference":
             loss = JacobianRegularizer(net, coefficient=args.coefficient, outputs="probabilities")
         tag = "jacobian" if loss is not None else "reference"
-        Trainer(net, opt, loss, epochs=epochs, batch_size=32, checkpoint=f"{args.out}/{tag}_cnn.pt",
+        Trainer(net, opt, loss, epochs=epochs, batch_size=32, checkpoint=f"{args.out}/{tag}_cnn_seed{seed}.pt",
                 progress=not args.quick).fit((xtr, ytr), val=(xte, yte))
-    rows: dict[str, float] = {}
-    for p in np.round(np.arange(0, 0.51, 0.05), 2):
-        noisy = salt_noise(xte, float(p), args.seed)
-        for name, net in nets.items():
-            rows[f"{name}, noise proportion {p:.2f}"] = accuracy(net, noisy, yte)
-    report(f"jacobian_cnn ({epochs} epochs, {len(xtr)} training images)", rows, timer())
+    return nets
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], epochs=15,
+                      coefficient=(float, 1.0, "Jacobian regularisation coefficient"),
+                      train_size=(int, 5000, "number of MNIST training images used"),
+                      seeds=(int, 1, "training runs (seeds seed, seed+1, ...); mean and sd are reported"))
+    timer = Timer()
+    xtr, ytr, xte, yte = mnist(args.quick, n_train=1000)
+    xtr, ytr = xtr[: args.train_size], ytr[: args.train_size]
+    epochs = 1 if args.quick else args.epochs
+    levels = np.round(np.arange(0, 0.51, 0.05), 2)
+    noisy = [salt_noise(xte, float(p), args.seed) for p in levels]  # the same noisy test sets for every net
+    curves = {"Jacobian-regularised": [], "reference": []}
+    for seed in range(args.seed, args.seed + args.seeds):
+        for name, net in train_pair(xtr, ytr, xte, yte, args, seed, epochs).items():
+            curves[name].append([accuracy(net, xn, yte) for xn in noisy])
+            print(f"seed {seed} {name:>22s}: " + " ".join(f"{a * 100:.2f}" for a in curves[name][-1]), flush=True)
+    curves = {name: np.array(acc) for name, acc in curves.items()}
+    rows: dict[str, object] = {}
+    for i, p in enumerate(levels):
+        for name, acc in curves.items():
+            sd = f" +- {acc[:, i].std(ddof=1) * 100:.2f}" if len(acc) > 1 else ""
+            rows[f"{name}, noise proportion {p:.2f}"] = f"{acc[:, i].mean() * 100:.2f}%{sd}"
+    path = plot_curves(levels, curves, f"{args.out}/jacobian_mnist_noise.png", "proportion of noisy pixels")
+    rows["plot"] = path or "matplotlib not installed"
+    report(f"jacobian_cnn ({epochs} epochs, {len(xtr)} training images, {args.seeds} seed(s))", rows, timer())
 
 
 if __name__ == "__main__":

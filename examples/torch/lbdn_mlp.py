@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from _shared import Timer, mnist, parse_args, report
+from _shared import Timer, mnist, parse_args, plot_curves, report
 from torch import nn
 
 from robeval.training.torch import LBDN, Trainer, accuracy
@@ -41,25 +41,6 @@ def noisy_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e: float,
     return accuracy(model, x + noise, y)
 
 
-def plot(levels, curves: dict[str, list[float]], path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for label, acc in curves.items():
-        ax.plot(levels, np.array(acc) * 100, marker="o", label=label)
-    ax.set_xlabel("noise level e (uniform in [-e, e])")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], epochs=20, gamma=(float, 5.0, "Lipschitz bound"))
     timer = Timer()
@@ -79,7 +60,7 @@ def main() -> None:
     for label, acc in curves.items():
         for e, a in zip(levels, acc):
             rows[f"{label}, noise {e * 255:.0f}/255"] = a
-    path = plot(levels, curves, f"{args.out}/lbdn_mnist_robust.png")
+    path = plot_curves(levels, curves, f"{args.out}/lbdn_mnist_robust.png", "noise level e (uniform in [-e, e])")
     rows["plot"] = path or "matplotlib not installed"
     report(f"lbdn_mlp ({epochs} epochs, {len(data[0])} training images)", rows, timer())
 

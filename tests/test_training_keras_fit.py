@@ -96,6 +96,7 @@ WRAPPERS = {
                                                          method="pgd", pgd_iterations=3),
     "jacobian": lambda b: rk.JacobianRegularization(b, coefficient=0.1, n_projections=2, seed=0),
     "ibp": lambda b: rk.IBPTraining(b, eps=0.02, kappa=0.5),
+    "crown_ibp": lambda b: rk.IBPTraining(b, eps=0.02, kappa=0.5, bound="crown-ibp", beta=0.5),
 }
 
 
@@ -114,13 +115,16 @@ def test_wrapped_objectives_go_down_with_compile_and_fit(name, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
 
 
-def test_ibp_training_certifies_through_robeval_with_the_numbers_seen_in_training(tmp_path):
+@pytest.mark.parametrize("bound", ["ibp", "crown-ibp"])
+def test_ibp_training_certifies_through_robeval_with_the_numbers_seen_in_training(bound, tmp_path):
+    """The certified accuracy tracked in training (IBP, or CROWN-IBP with beta = 1) is what robeval's
+    certifier of the same name finds on the saved and reloaded model."""
     _adapter_or_skip()
     keras.utils.set_random_seed(3)
     x, y = _blobs(120, 3, seed=4)
     base = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(8, 3, activation="relu"), L.Flatten(),
                              L.Dense(32), L.ReLU(), L.Dense(3)])
-    model = rk.IBPTraining(base, eps=0.0, kappa=1.0)
+    model = rk.IBPTraining(base, eps=0.0, kappa=1.0, bound=bound, beta=1.0)
     model.compile(optimizer=keras.optimizers.Adam(5e-3), metrics=["accuracy"])
     eps = 0.03
     sched = rk.EpsilonScheduler(rk.EpsilonSchedule(eps, warmup=2, ramp=6), rk.KappaSchedule(1.0, 0.5, 2, 6))
@@ -131,9 +135,25 @@ def test_ibp_training_certifies_through_robeval_with_the_numbers_seen_in_trainin
     path = tmp_path / "ibp.keras"
     model.base_model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
-    result = robeval.certify(loaded, (_nchw(x), y), method="ibp", eps=[eps])
+    result = robeval.certify(loaded, (_nchw(x), y), method=bound, eps=[eps])
     assert result.certified_accuracy[0] == pytest.approx(seen, abs=1e-6)
-    assert rk.certified_accuracy(loaded, x, y, eps) == pytest.approx(seen, abs=1e-6)
+    assert rk.certified_accuracy(loaded, x, y, eps, bound=bound) == pytest.approx(seen, abs=1e-6)
+
+
+def test_crown_ibp_beta_follows_the_scheduler_and_survives_saving(tmp_path):
+    keras.utils.set_random_seed(4)
+    x, y = _blobs(40, 3, seed=5)
+    model = rk.IBPTraining(_cnn(), eps=0.0, kappa=1.0, bound="crown-ibp")
+    model.compile(optimizer=keras.optimizers.Adam(5e-3))
+    sched = rk.EpsilonScheduler(rk.EpsilonSchedule(0.02, warmup=1, ramp=2), beta=rk.KappaSchedule(1.0, 0.0, 1, 2))
+    hist = model.fit(x, y, batch_size=20, epochs=4, verbose=0, callbacks=[sched]).history
+    assert hist["beta"] == pytest.approx([1.0, 0.75, 0.25, 0.0])
+    path = tmp_path / "crown_ibp.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert loaded.bound == "crown-ibp" and float(loaded.beta_variable.numpy()) == 0.0
+    with pytest.raises(robeval.errors.InvalidParameterError, match="bound="):
+        rk.IBPTraining(_cnn(), bound="crown")
 
 
 def test_hkr_binary_radii_certify_through_robeval_exactly(tmp_path):

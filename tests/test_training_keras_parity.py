@@ -28,6 +28,7 @@ except RuntimeError:
     pass
 from torch import nn  # noqa: E402
 
+from robeval import errors as rk_errors  # noqa: E402
 from robeval.training import keras as rk  # noqa: E402
 from robeval.training import torch as rt  # noqa: E402
 
@@ -280,6 +281,64 @@ def test_ibp_margin_bounds_and_robust_losses_equal_torch(name):
         wrapper.compile(optimizer="adam")
         _, total = wrapper.objective(tf.constant(xk), tf.constant(yk), training=False)
         assert float(total) == pytest.approx(expected, abs=1e-5)
+
+
+def _avgpool_cnn_pair(seed=8):
+    """A ReLU CNN without max-pooling (CROWN-IBP training relaxes ReLUs only)."""
+    torch.manual_seed(seed)
+    t = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 6, 2, stride=2),
+                      nn.ReLU(), nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
+    k = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, padding="same", activation="relu"),
+                          L.AveragePooling2D(2), L.Conv2D(6, 2, strides=2), L.ReLU(), L.Flatten(),
+                          L.Dense(16, activation="relu"), L.Dense(5)])
+    _copy_affine(t, k, chw_before_first_dense=(6, 2, 2))
+    return t.eval(), k
+
+
+@pytest.mark.parametrize("make", [_avgpool_cnn_pair, _mlp_pair])
+def test_crown_ibp_bounds_and_losses_equal_torch(make):
+    t, k = make()
+    x, y = _data(8, 9)
+    xk, yk = _nhwc(x), y.numpy()
+    eps = 0.03
+    for beta in (1.0, 0.3):
+        lb_t = _np(rt.mixed_margin_bounds(t, x, y, eps, beta))
+        lb_k = _np(rk.mixed_margin_bounds(k, xk, yk, eps, beta))
+        assert np.array_equal(np.isinf(lb_t), np.isinf(lb_k))
+        finite = np.isfinite(lb_t)
+        np.testing.assert_allclose(lb_k[finite], lb_t[finite], **TOL)
+        expected = float(rt.IBPLoss(eps, 0.25, bound="crown-ibp", beta=beta)(t, x, y).detach())
+        ours = float(rk.IBPLoss(eps, 0.25, bound="crown-ibp", beta=beta)(k, xk, yk))
+        assert ours == pytest.approx(expected, abs=1e-5)
+        wrapper = rk.IBPTraining(k, eps=eps, kappa=0.25, bound="crown-ibp", beta=beta)
+        wrapper.compile(optimizer="adam")
+        _, total = wrapper.objective(tf.constant(xk), tf.constant(yk), training=False)
+        assert float(total) == pytest.approx(expected, abs=1e-5)
+    crown = _np(rk.crown_ibp_margin_bounds(k, xk, yk, eps))
+    ibp = _np(rk.ibp_margin_bounds(k, xk, yk, eps))
+    assert not np.allclose(crown[finite], ibp[finite])
+
+
+def test_keras_crown_ibp_rejects_layers_without_a_relaxation():
+    k = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, activation="tanh"), L.Flatten(), L.Dense(5)])
+    x, y = _data(2)
+    with pytest.raises(rk_errors.InvalidParameterError, match="activation 'tanh'.*bound='ibp'"):
+        rk.crown_ibp_margin_bounds(k, _nhwc(x), y.numpy(), 0.1)
+
+
+def test_keras_crown_ibp_gradients_match_torch():
+    """Gradients of the summed CROWN-IBP bounds with respect to the first Dense kernel agree."""
+    t, k = _mlp_pair(10)
+    x, y = _data(6, 11)
+    eps = 0.02
+    lb_t = rt.crown_ibp_margin_bounds(t, x, y, eps)
+    (g_t,) = torch.autograd.grad(lb_t.masked_fill(torch.isinf(lb_t), 0.0).sum(), t[1].weight)
+    kernel = k.layers[1].kernel
+    with tf.GradientTape() as tape:
+        lb_k = rk.crown_ibp_margin_bounds(k, _nhwc(x), y.numpy(), eps)
+        total = tf.reduce_sum(tf.where(tf.math.is_inf(lb_k), tf.zeros_like(lb_k), lb_k))
+    g_k = tape.gradient(total, kernel)
+    np.testing.assert_allclose(np.asarray(g_k).T, _np(g_t), rtol=1e-4, atol=1e-4 * float(np.abs(_np(g_t)).max()))
 
 
 def test_ibp_schedules_give_the_same_loss_at_the_same_time():

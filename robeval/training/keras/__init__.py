@@ -10,7 +10,8 @@ whose ``train_step`` adds the robust objective, so ``compile`` and ``fit`` work 
 - Losses: ``HKRLoss``, ``KRLoss``, ``HingeMarginLoss``, ``TauCrossEntropyLoss``; metrics ``KREstimate``,
   ``HingeMargin``, ``SignAccuracy``, ``CertifiedAccuracy``.
 - Regularisers: ``AdversarialRegularization`` (NSL-style), ``JacobianRegularization``.
-- Certified training: ``IBPTraining`` with the ``EpsilonScheduler`` callback; ``ibp_margin_bounds``,
+- Certified training: ``IBPTraining`` (``bound="ibp"`` or ``"crown-ibp"``) with the ``EpsilonScheduler``
+  callback; ``ibp_margin_bounds``, ``crown_ibp_margin_bounds``, ``mixed_margin_bounds``,
   ``robust_cross_entropy``, ``IBPLoss``, ``ibp_init``, ``certified_accuracy``.
 
 Every layer, loss and metric is registered with Keras (package "robeval"), so ``.keras`` files load
@@ -31,6 +32,7 @@ from .._common import EpsilonSchedule, KappaSchedule, SpectralConfig  # noqa: E4
 from ._shared import AdversarialConfig, make_adv_reg_config  # noqa: E402
 from .adversarial import AdversarialRegularization, adversarial_losses, perturb  # noqa: E402
 from .callbacks import EpsilonScheduler  # noqa: E402
+from .crown_ibp import crown_ibp_margin_bounds, mixed_margin_bounds  # noqa: E402
 from .export import binary_as_two_logits, export_model, flat_layers, lipschitz_bound  # noqa: E402
 from .ibp import (  # noqa: E402
     IBPLoss,
@@ -80,6 +82,7 @@ __all__ = [
     "bjorck",
     "cayley",
     "certified_accuracy",
+    "crown_ibp_margin_bounds",
     "certified_radius",
     "export_model",
     "flat_layers",
@@ -91,6 +94,7 @@ __all__ = [
     "jacobian_frobenius_sq",
     "kr_estimate",
     "lipschitz_bound",
+    "mixed_margin_bounds",
     "make_adv_reg_config",
     "perturb",
     "robust_cross_entropy",

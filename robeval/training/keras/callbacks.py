@@ -19,14 +19,18 @@ class EpsilonScheduler(keras.callbacks.Callback):
     Args:
         eps: an ``EpsilonSchedule`` (or a fixed float).
         kappa: a ``KappaSchedule``, a fixed float, or None to leave kappa alone.
+        beta: the CROWN-IBP weight of ``IBPTraining(bound="crown-ibp")``, as a ``KappaSchedule``
+            (Zhang et al. 2020 move it from 1 to 0 over the eps ramp), a float, or None.
 
     >>> cb = EpsilonScheduler(EpsilonSchedule(target=0.1, warmup=1, ramp=4), KappaSchedule(1.0, 0.5, 1, 4))
     """
 
-    def __init__(self, eps: EpsilonSchedule | float, kappa: KappaSchedule | float | None = None):
+    def __init__(self, eps: EpsilonSchedule | float, kappa: KappaSchedule | float | None = None,
+                 beta: KappaSchedule | float | None = None):
         super().__init__()
         self.eps = eps if callable(eps) else EpsilonSchedule(target=float(eps))
         self.kappa = kappa if (kappa is None or callable(kappa)) else KappaSchedule(float(kappa), float(kappa))
+        self.beta = beta if (beta is None or callable(beta)) else KappaSchedule(float(beta), float(beta))
         self._epoch = 0
 
     def _variable(self, name):
@@ -40,6 +44,8 @@ class EpsilonScheduler(keras.callbacks.Callback):
         self._variable("eps")
         if self.kappa is not None:
             self._variable("kappa")
+        if self.beta is not None:
+            self._variable("beta")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -54,9 +60,13 @@ class EpsilonScheduler(keras.callbacks.Callback):
         self._variable("eps").assign(eps)
         if kappa is not None:
             self._variable("kappa").assign(kappa)
+        if self.beta is not None:
+            self._variable("beta").assign(float(self.beta(self._epoch + (batch / steps if steps else 0.0))))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["eps"] = float(self._variable("eps").numpy())
             if self.kappa is not None:
                 logs["kappa"] = float(self._variable("kappa").numpy())
+            if self.beta is not None:
+                logs["beta"] = float(self._variable("beta").numpy())

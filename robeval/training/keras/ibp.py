@@ -280,41 +280,67 @@ def certified_fraction(margin_lower) -> tf.Tensor:
 
 
 def certified_accuracy(model, x, y, eps: float, clip: tuple[float, float] | None = (0.0, 1.0),
-                       batch_size: int = 1000) -> float:
-    """Fraction of samples whose IBP margin lower bounds are all positive."""
+                       batch_size: int = 1000, bound: str = "ibp") -> float:
+    """Fraction of samples whose margin lower bounds (``bound``: "ibp" or "crown-ibp") are all positive."""
     x, y = np.asarray(x), np.asarray(y)
+    beta = 1.0 if check_bound(bound) == "crown-ibp" else 0.0
     hits = 0
     for i in range(0, len(x), batch_size):
-        lb = ibp_margin_bounds(model, x[i:i + batch_size], y[i:i + batch_size], eps, clip)
+        lb = margin_lower(model, x[i:i + batch_size], y[i:i + batch_size], eps, clip, bound, beta)
         hits += int(tf.reduce_sum(tf.cast(tf.reduce_all(lb > 0, axis=1), tf.int32)))
     return hits / max(len(x), 1)
 
 
+#: Margin bounds the IBP objectives train on: interval bounds, or CROWN-IBP mixed with them.
+BOUNDS = ("ibp", "crown-ibp")
+
+
+def check_bound(bound: str) -> str:
+    if bound not in BOUNDS:
+        raise InvalidParameterError(f"bound={bound!r}; expected one of {BOUNDS}")
+    return bound
+
+
+def margin_lower(model, x, y, eps, clip=(0.0, 1.0), bound: str = "ibp", beta=1.0) -> tf.Tensor:
+    """The margin lower bounds trained on: IBP, or beta * CROWN-IBP + (1 - beta) * IBP."""
+    if check_bound(bound) == "ibp":
+        return ibp_margin_bounds(model, x, y, eps, clip)
+    from .crown_ibp import mixed_margin_bounds
+
+    return mixed_margin_bounds(model, x, y, eps, beta, clip)
+
+
 def ibp_loss(model, x, y, eps, kappa=0.5, clip: tuple[float, float] | None = (0.0, 1.0),
-             training=False) -> tf.Tensor:
+             training=False, bound: str = "ibp", beta=1.0) -> tf.Tensor:
     """kappa * CE(model(x)) + (1 - kappa) * robust CE at radius eps (the clean CE alone when the
-    robust term cannot count: eps == 0 or kappa == 1, given as Python numbers)."""
+    robust term cannot count: eps == 0 or kappa == 1, given as Python numbers). ``bound`` and
+    ``beta`` as in ``margin_lower``."""
     clean = cross_entropy(y, model(x, training=training))
     if isinstance(eps, (int, float)) and isinstance(kappa, (int, float)) and (eps == 0 or kappa == 1):
         return clean
-    robust = robust_cross_entropy(ibp_margin_bounds(model, x, y, eps, clip), y)
+    robust = robust_cross_entropy(margin_lower(model, x, y, eps, clip, bound, beta), y)
     return kappa * clean + (1 - kappa) * robust
 
 
 class IBPLoss:
     """kappa(t) * CE(clean) + (1 - kappa(t)) * robust CE at eps(t), t in epochs (for custom loops).
 
-    The same object as ``robeval.training.torch.IBPLoss``: ``loss(model, x, y, t)``.
+    The same object as ``robeval.training.torch.IBPLoss``: ``loss(model, x, y, t)``, with
+    ``bound="ibp"`` or ``"crown-ibp"`` and the CROWN-IBP weight ``beta`` (fixed or a schedule).
     """
 
     def __init__(self, eps: float | EpsilonSchedule, kappa: float | KappaSchedule = 0.5,
-                 clip: tuple[float, float] | None = (0.0, 1.0)):
+                 clip: tuple[float, float] | None = (0.0, 1.0), bound: str = "ibp",
+                 beta: float | KappaSchedule = 1.0):
         self.eps = eps if callable(eps) else EpsilonSchedule(target=_common.check_positive("eps", eps, True))
         self.kappa = kappa if callable(kappa) else KappaSchedule(start=_check_kappa(kappa), end=kappa)
         self.clip = check_clip(clip)
+        self.bound = check_bound(bound)
+        self.beta = beta if callable(beta) else KappaSchedule(start=_check_kappa(beta, "beta"), end=beta)
 
     def __call__(self, model, x, y, t: float = math.inf, training=False) -> tf.Tensor:
-        return ibp_loss(model, x, y, float(self.eps(t)), float(self.kappa(t)), self.clip, training)
+        return ibp_loss(model, x, y, float(self.eps(t)), float(self.kappa(t)), self.clip, training,
+                        self.bound, float(self.beta(t)))
 
 
 def ibp_init(model, seed: int | None = None):
@@ -333,9 +359,9 @@ def ibp_init(model, seed: int | None = None):
     return model
 
 
-def _check_kappa(kappa) -> float:
+def _check_kappa(kappa, name: str = "kappa") -> float:
     if not 0 <= kappa <= 1:
-        raise InvalidParameterError(f"kappa={kappa!r}; expected a weight in [0, 1]")
+        raise InvalidParameterError(f"{name}={kappa!r}; expected a weight in [0, 1]")
     return float(kappa)
 
 
@@ -353,6 +379,9 @@ class IBPTraining(RobustModel):
         eps: initial L-inf radius.
         kappa: initial weight of the clean loss (0.5 in Gowal et al.'s end state).
         clip: input domain the box is clipped to.
+        bound: ``"ibp"``, or ``"crown-ibp"`` to train on beta * CROWN-IBP + (1 - beta) * IBP bounds
+            (ReLU networks; beta in ``beta_variable``, ramped by ``EpsilonScheduler(..., beta=...)``).
+        beta: initial weight of CROWN-IBP.
 
     >>> # model = IBPTraining(base, eps=0.0, kappa=1.0)
     >>> # model.compile("adam", metrics=["accuracy"])
@@ -360,9 +389,12 @@ class IBPTraining(RobustModel):
     >>> #                                                        KappaSchedule(1.0, 0.5, 2, 10))])
     """
 
-    def __init__(self, base_model, eps=0.0, kappa=0.5, clip=(0.0, 1.0), name="ibp_training", **kwargs):
+    def __init__(self, base_model, eps=0.0, kappa=0.5, clip=(0.0, 1.0), bound="ibp", beta=1.0, name="ibp_training",
+                 **kwargs):
         super().__init__(base_model, name=name, **kwargs)
         self.clip = check_clip(clip)
+        self.bound = check_bound(bound)
+        self.beta_variable = keras.Variable(_check_kappa(beta, "beta"), trainable=False, name="beta", dtype="float32")
         self.eps_variable = keras.Variable(_common.check_positive("eps", eps, True), trainable=False, name="eps",
                                            dtype="float32")
         self.kappa_variable = keras.Variable(_check_kappa(kappa), trainable=False, name="kappa", dtype="float32")
@@ -375,7 +407,7 @@ class IBPTraining(RobustModel):
         clean = self.labeled_loss(y, y_pred, sample_weight)
 
         def bounds():
-            lower = ibp_margin_bounds(self.base_model, x, y, self.eps_variable, self.clip)
+            lower = margin_lower(self.base_model, x, y, self.eps_variable, self.clip, self.bound, self.beta_variable)
             return robust_cross_entropy(lower, y), certified_fraction(lower)
 
         def exact():  # eps = 0: the margins are the clean ones
@@ -391,4 +423,5 @@ class IBPTraining(RobustModel):
 
     def get_config(self):
         return {**super().get_config(), "eps": float(self.eps_variable.numpy()),
-                "kappa": float(self.kappa_variable.numpy()), "clip": None if self.clip is None else list(self.clip)}
+                "kappa": float(self.kappa_variable.numpy()), "clip": None if self.clip is None else list(self.clip),
+                "bound": self.bound, "beta": float(self.beta_variable.numpy())}

@@ -5,13 +5,15 @@
   ``lipschitz_bound()`` (a float upper bound).
 - Losses: ``HKRLoss``, ``KRLoss``, ``HingeMarginLoss``, ``TauCrossEntropyLoss``.
 - Regularisers: ``JacobianRegularizer``, ``AdversarialRegularizer``.
-- Certified training: ``ibp_margin_bounds``, ``robust_cross_entropy``, ``IBPLoss``, ``ibp_init_``
-  with ``EpsilonSchedule``/``KappaSchedule``.
+- Certified training: ``ibp_margin_bounds``, ``crown_ibp_margin_bounds``, ``mixed_margin_bounds``,
+  ``robust_cross_entropy``, ``IBPLoss`` (``bound="ibp"`` or ``"crown-ibp"``), ``ibp_init_`` with
+  ``EpsilonSchedule``/``KappaSchedule``.
 - ``Trainer`` and ``export_onnx``.
 """
 
 from .._common import EpsilonSchedule, KappaSchedule, SpectralConfig
 from .adversarial import AdversarialRegularizer
+from .crown_ibp import crown_ibp_margin_bounds, mixed_margin_bounds
 from .ibp import (
     IBPLoss,
     certified_accuracy,
@@ -58,6 +60,7 @@ __all__ = [
     "bjorck",
     "cayley",
     "certified_accuracy",
+    "crown_ibp_margin_bounds",
     "export_model",
     "export_onnx",
     "ibp_init_",
@@ -66,6 +69,7 @@ __all__ = [
     "jacobian_frobenius_sq",
     "kr_estimate",
     "lipschitz_bound",
+    "mixed_margin_bounds",
     "plain_model",
     "robust_cross_entropy",
 ]

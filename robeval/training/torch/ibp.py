@@ -21,6 +21,8 @@ from .._common import EpsilonSchedule, KappaSchedule
 from .layers import GroupSort, SpectralConv2d, SpectralLinear
 
 Box = tuple[torch.Tensor, torch.Tensor]  # (centre, radius)
+#: Margin bounds that ``IBPLoss`` trains on and ``certified_accuracy`` checks.
+BOUNDS = ("ibp", "crown-ibp")
 
 
 def _linear(m: nn.Linear, c: torch.Tensor, r: torch.Tensor) -> Box:
@@ -203,14 +205,30 @@ def robust_cross_entropy(margin_lower: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def certified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                       clip: tuple[float, float] | None = (0.0, 1.0), batch_size: int = 1000) -> float:
-    """Fraction of samples whose IBP margin lower bounds are all positive."""
+                       clip: tuple[float, float] | None = (0.0, 1.0), batch_size: int = 1000,
+                       bound: str = "ibp") -> float:
+    """Fraction of samples whose margin lower bounds (``bound``: "ibp" or "crown-ibp") are all positive."""
+    if bound not in BOUNDS:
+        raise InvalidParameterError(f"bound={bound!r}; expected one of {BOUNDS}")
+    if bound == "ibp":
+        margins = ibp_margin_bounds
+    else:
+        from .crown_ibp import crown_ibp_margin_bounds as margins
     hits = 0
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
-            lb = ibp_margin_bounds(model, x[i:i + batch_size], y[i:i + batch_size], eps, clip)
+            lb = margins(model, x[i:i + batch_size], y[i:i + batch_size], eps, clip)
             hits += int((lb > 0).all(dim=1).sum())
     return hits / max(x.shape[0], 1)
+
+
+def _weight_schedule(name: str, value: float | KappaSchedule):
+    """A weight in [0, 1] as a schedule of t (a callable is taken as given)."""
+    if callable(value):
+        return value
+    if not 0 <= value <= 1:
+        raise InvalidParameterError(f"{name}={value!r}; expected a weight in [0, 1]")
+    return KappaSchedule(start=value, end=value)
 
 
 class IBPLoss:
@@ -220,21 +238,34 @@ class IBPLoss:
         eps: a fixed radius or an ``EpsilonSchedule`` (warm-up at 0, then a ramp).
         kappa: a fixed weight or a ``KappaSchedule`` (1 -> 0.5 in Gowal et al.).
         clip: input domain the box is clipped to.
+        bound: ``"ibp"`` (interval bounds) or ``"crown-ibp"`` (Zhang et al. 2020: the mixture
+            beta * CROWN-IBP + (1 - beta) * IBP of the margin lower bounds; ReLU networks).
+        beta: weight of CROWN-IBP when ``bound="crown-ibp"``, fixed or a ``KappaSchedule``
+            (the paper's choice: ``KappaSchedule(start=1, end=0)`` over the eps ramp).
 
     During warm-up (eps = 0) the robust term equals the clean one, so only the clean
     cross-entropy is computed.
     """
 
     def __init__(self, eps: float | EpsilonSchedule, kappa: float | KappaSchedule = 0.5,
-                 clip: tuple[float, float] | None = (0.0, 1.0)):
+                 clip: tuple[float, float] | None = (0.0, 1.0), bound: str = "ibp",
+                 beta: float | KappaSchedule = 1.0):
         self.eps = eps if callable(eps) else EpsilonSchedule(target=_common.check_positive("eps", eps, True))
-        if callable(kappa):
-            self.kappa = kappa
-        else:
-            if not 0 <= kappa <= 1:
-                raise InvalidParameterError(f"kappa={kappa!r}; expected a weight in [0, 1]")
-            self.kappa = KappaSchedule(start=kappa, end=kappa)
+        self.kappa = _weight_schedule("kappa", kappa)
+        if bound not in BOUNDS:
+            raise InvalidParameterError(f"bound={bound!r}; expected one of {BOUNDS}")
+        self.bound = bound
+        self.beta = _weight_schedule("beta", beta)
         self.clip = clip
+
+    def margin_lower(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                     t: float = math.inf) -> torch.Tensor:
+        """The margin lower bounds this loss trains on at radius eps and time t."""
+        if self.bound == "ibp":
+            return ibp_margin_bounds(model, x, y, eps, self.clip)
+        from .crown_ibp import mixed_margin_bounds
+
+        return mixed_margin_bounds(model, x, y, eps, float(self.beta(t)), self.clip)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  t: float = math.inf) -> torch.Tensor:
@@ -242,7 +273,7 @@ class IBPLoss:
         clean = F.cross_entropy(model(x), y)
         if eps == 0 or kappa == 1:
             return clean
-        robust = robust_cross_entropy(ibp_margin_bounds(model, x, y, eps, self.clip), y)
+        robust = robust_cross_entropy(self.margin_lower(model, x, y, eps, t), y)
         return kappa * clean + (1 - kappa) * robust
 
 

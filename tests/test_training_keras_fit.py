@@ -197,20 +197,7 @@ def test_multiclass_lipschitz_certificate_of_robeval_is_at_least_the_metric():
 @pytest.mark.parametrize("script", ["hkr_binary.py", "adversarial_cnn.py", "ibp_mlp.py"])
 def test_keras_examples_run_in_quick_mode(script, tmp_path):
     """Each Keras tutorial script trains, reports percentages and saves a .keras file (tiny data)."""
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
+    from example_runner import run_quick
 
-    root = Path(__file__).resolve().parents[1]
-    shared = Path(os.environ.get("ROBEVAL_SHARED", root.parent / "shared"))
-    data = os.environ.get("ROBEVAL_DATA") or str(shared / "data" / "mnist.npz")
-    if not Path(data).exists():
-        pytest.skip(f"MNIST not found at {data}; set ROBEVAL_DATA")
-    env = {**os.environ, "ROBEVAL_DATA": data, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run([sys.executable, str(root / "examples" / "keras" / script), "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "wall time" in out.stdout and re.search(r"\d+\.\d\d%", out.stdout), out.stdout[-2000:]
+    run_quick("keras", script, tmp_path, timeout=300)
     assert any(p.suffix == ".keras" for p in tmp_path.iterdir())

@@ -85,13 +85,16 @@ def _randomise_torch(model: nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() > 1 else 0.1))
 
 
-def _cnn_pair(seed=0):
-    """torch and Keras CNNs (1x8x8 inputs): conv-relu-maxpool-conv(stride 2)-relu-flatten-dense-relu-dense."""
+def _cnn_pair(seed=0, avg=False):
+    """torch and Keras CNNs (1x8x8 inputs): conv-relu-pool-conv(stride 2)-relu-flatten-dense-relu-dense,
+    with max-pooling (or average pooling when ``avg``)."""
     torch.manual_seed(seed)
-    t = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 2, stride=2),
-                      nn.ReLU(), nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
+    t = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2) if avg else nn.MaxPool2d(2),
+                      nn.Conv2d(4, 6, 2, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(24, 16), nn.ReLU(),
+                      nn.Linear(16, 5))
     k = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, padding="same", activation="relu"),
-                          L.MaxPooling2D(2), L.Conv2D(6, 2, strides=2), L.ReLU(), L.Flatten(),
+                          L.AveragePooling2D(2) if avg else L.MaxPooling2D(2), L.Conv2D(6, 2, strides=2), L.ReLU(),
+                          L.Flatten(),
                           L.Dense(16, activation="relu"), L.Dense(5)])
     _copy_affine(t, k, chw_before_first_dense=(6, 2, 2))
     return t.eval(), k
@@ -284,15 +287,8 @@ def test_ibp_margin_bounds_and_robust_losses_equal_torch(name):
 
 
 def _avgpool_cnn_pair(seed=8):
-    """A ReLU CNN without max-pooling (CROWN-IBP training relaxes ReLUs only)."""
-    torch.manual_seed(seed)
-    t = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(4, 6, 2, stride=2),
-                      nn.ReLU(), nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
-    k = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, padding="same", activation="relu"),
-                          L.AveragePooling2D(2), L.Conv2D(6, 2, strides=2), L.ReLU(), L.Flatten(),
-                          L.Dense(16, activation="relu"), L.Dense(5)])
-    _copy_affine(t, k, chw_before_first_dense=(6, 2, 2))
-    return t.eval(), k
+    """The CNN pair with average pooling (CROWN-IBP training relaxes ReLUs only)."""
+    return _cnn_pair(seed, avg=True)
 
 
 @pytest.mark.parametrize("make", [_avgpool_cnn_pair, _mlp_pair])

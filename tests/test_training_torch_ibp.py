@@ -273,24 +273,9 @@ def test_trainer_accepts_criterion_and_regulariser_forms(tmp_path):
 @pytest.mark.parametrize("script", ["ibp_mlp.py", "ibp_mlp.py --bound crown-ibp", "ibp_cnn.py", "lipschitz_mnist.py",
                                     "hkr_binary.py", "lbdn_mlp.py", "adversarial_cnn.py", "jacobian_cnn.py"])
 def test_examples_run_in_quick_mode(script, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from example_runner import run_quick
 
-    root = Path(__file__).resolve().parents[1]
-    shared = Path(os.environ.get("ROBEVAL_SHARED", root.parent / "shared"))
-    data = os.environ.get("ROBEVAL_DATA") or str(shared / "data" / "mnist.npz")
-    if not Path(data).exists():
-        pytest.skip(f"MNIST not found at {data}; set ROBEVAL_DATA")
-    env = {**os.environ, "ROBEVAL_DATA": data, "PYTHONPATH": str(root)}
-    name, *options = script.split()
-    out = subprocess.run([sys.executable, str(root / "examples" / "torch" / name), *options, "--quick", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    import re
-
-    assert "wall time" in out.stdout and re.search(r"\d+\.\d\d%", out.stdout), out.stdout[-2000:]
+    out = run_quick("torch", script, tmp_path)
     assert any(p.suffix in (".onnx", ".pt") for p in tmp_path.iterdir())
-    if "crown-ibp" in options:
-        assert "CROWN-IBP-certified accuracy" in out.stdout
+    if "crown-ibp" in script:
+        assert "CROWN-IBP-certified accuracy" in out

@@ -20,9 +20,8 @@ import tensorflow as tf
 from ...errors import InputShapeError, InvalidParameterError
 from ._shared import check_clip
 from .export import PASS_THROUGH
-from .ibp import _batchnorm, _last_affine, _split_last_dense, input_box
+from .ibp import _batchnorm, input_box, margin_problem
 from .layers import SpectralConv2D, SpectralDense
-from .model import sparse_labels
 
 L = keras.layers
 
@@ -151,14 +150,9 @@ def _relu_back(lam, lo, hi):
 
 def _both_bounds(model, x, y, eps, clip):
     """(IBP, CROWN-IBP) lower bounds of z_y - z_j, each (N, K) with +inf at the true class."""
-    body, last = _split_last_dense(model)
+    body, (w, b), x, y = margin_problem(model, x, y)
     steps = [step for layer in body for step in _steps(layer)]
-    w, b = _last_affine(last)
     k = w.shape[0]
-    y = sparse_labels(y, k)
-    x = tf.convert_to_tensor(x)
-    if y.shape[0] is not None and x.shape[0] is not None and y.shape[0] != x.shape[0]:
-        raise InputShapeError(f"labels have shape {tuple(y.shape)}; expected ({x.shape[0]},) class indices")
     c0, r0 = input_box(x, eps, check_clip(clip))
     c, r = c0, r0
     boxes, shapes = [], []

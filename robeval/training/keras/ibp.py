@@ -236,6 +236,17 @@ def _split_last_dense(model) -> tuple[list, object]:
     return layers[:-1], last
 
 
+def margin_problem(model, x, y) -> tuple[list, tuple, tf.Tensor, tf.Tensor]:
+    """(body layers, (W, b) of the last Dense, x as a tensor, y as class indices), shapes checked."""
+    body, last = _split_last_dense(model)
+    w, b = _last_affine(last)
+    y = sparse_labels(y, w.shape[0])
+    x = tf.convert_to_tensor(x)
+    if y.shape[0] is not None and x.shape[0] is not None and y.shape[0] != x.shape[0]:
+        raise InputShapeError(f"labels have shape {tuple(y.shape)}; expected ({x.shape[0]},) class indices")
+    return body, (w, b), x, y
+
+
 def ibp_margin_bounds(model, x, y, eps, clip: tuple[float, float] | None = (0.0, 1.0)) -> tf.Tensor:
     """Lower bounds of z_y - z_j over the eps-box, shape (N, K), +inf at the true class.
 
@@ -243,13 +254,8 @@ def ibp_margin_bounds(model, x, y, eps, clip: tuple[float, float] | None = (0.0,
     bounded as affine functions of the penultimate box: a positive entry j certifies that class j
     cannot overtake y. Differentiable with respect to the weights (and eps).
     """
-    body, last = _split_last_dense(model)
-    w, b = _last_affine(last)
+    body, (w, b), x, y = margin_problem(model, x, y)
     k = w.shape[0]
-    y = sparse_labels(y, k)
-    x = tf.convert_to_tensor(x)
-    if y.shape[0] is not None and x.shape[0] is not None and y.shape[0] != x.shape[0]:
-        raise InputShapeError(f"labels have shape {tuple(y.shape)}; expected ({x.shape[0]},) class indices")
     c, r = propagate(body, *input_box(x, eps, check_clip(clip)))
     n = tf.shape(c)[0]
     c, r = tf.reshape(c, (n, -1)), tf.reshape(r, (n, -1))

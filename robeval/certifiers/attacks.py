@@ -12,6 +12,7 @@ Keras models use their own autograd and ONNX models / robeval Networks the repre
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from collections.abc import Sequence
@@ -232,7 +233,7 @@ def hits(logits, y, targets):
 
 
 # ---------------------------------------------------------------------------- the template
-class Attack:
+class Attack(abc.ABC):
     """Base class. Subclasses implement ``perturb``; ``__call__`` is final and keeps every check.
 
     Args:
@@ -256,10 +257,11 @@ class Attack:
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
         self.progress = progress
 
+    @abc.abstractmethod
     def perturb(self, oracle: Oracle, x, y, eps: float, rng: numpy.random.Generator, targets=None):
         """Propose adversarial inputs for a batch whose clean inputs are all correctly classified
         (not yet at their target). Returns (x_adv, claimed (N,) bool); the caller re-checks both."""
-        raise NotImplementedError(f"{type(self).__name__} must implement perturb()")
+        ...
 
     def params(self) -> dict[str, Any]:
         return {"loss": self.loss, "seed": self.seed}
@@ -293,12 +295,12 @@ class Attack:
             out = asnumpy(model.predict(x[s:s + batch]))
             clean[s:s + batch], least[s:s + batch] = out.argmax(axis=1), out.argmin(axis=1)
         targets = resolve_targets(targets, y, least, int(model.num_classes), self.seed)
-        todo = clean == y  # wrong clean predictions are counted as they are, never attacked
+        pending = clean == y  # wrong clean predictions are counted as they are, never attacked
         proposals = x.copy()
         claimed = numpy.zeros(n, dtype=bool)
         starts = range(0, n, batch)
         for s in progress_bar(starts, total=len(starts), desc=self.name, enabled=self.progress):
-            idx = numpy.flatnonzero(todo[s:s + batch]) + s
+            idx = numpy.flatnonzero(pending[s:s + batch]) + s
             if idx.size == 0 or eps == 0:
                 continue
             rng = numpy.random.default_rng([self.seed, s])
@@ -306,14 +308,14 @@ class Attack:
             xa, cl = self.perturb(oracle, x[idx], xp.asarray(y[idx]), eps, rng, None if tb is None else xp.asarray(tb))
             proposals[idx] = xp.asarray(xa, dtype=x.dtype)
             claimed[idx] = numpy.asarray(asnumpy(cl), dtype=bool)
-        return self._recheck(model, oracle, x, y, eps, proposals, claimed, clean, todo, targets, batch, t0)
+        return self._recheck(model, oracle, x, y, eps, proposals, claimed, clean, pending, targets, batch, t0)
 
-    def _recheck(self, model, oracle, x, y, eps, proposals, claimed, clean, todo, targets, batch, t0):
+    def _recheck(self, model, oracle, x, y, eps, proposals, claimed, clean, pending, targets, batch, t0):
         """Re-project every proposal, keep clean inputs where nothing was attempted, and decide
         success with model.predict; the attack's own claims only feed a note."""
         xp = get_xp(x)
         x_adv = inside_exactly(xp, project(xp, proposals, x, eps, self.norm, self.domain), x, eps, self.norm)
-        x_adv[xp.asarray(~todo)] = x[xp.asarray(~todo)]
+        x_adv[xp.asarray(~pending)] = x[xp.asarray(~pending)]
         adv = numpy.concatenate([asnumpy(model.predict(x_adv[s:s + batch])).argmax(axis=1)
                                  for s in range(0, int(x.shape[0]), batch)] or [numpy.zeros(0, numpy.int64)])
         success = adv != y if targets is None else adv == targets

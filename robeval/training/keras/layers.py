@@ -108,8 +108,11 @@ class _SpectralBase(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(rows,), initializer="zeros") if self.use_bias else None
         self.u = self.add_weight(name="u", shape=(rows,), initializer=_unit_vector, trainable=False)
 
-    def _matrix(self) -> tf.Tensor:  # the free kernel as the (out, in...) matrix
-        raise NotImplementedError
+    def _matrix(self) -> tf.Tensor:
+        """The free kernel (..., in, out) as the (out, in * ...) matrix, in torch's (out, in, kh, kw) order."""
+        rank = len(self.kernel.shape)
+        order = (rank - 1, rank - 2) + tuple(range(rank - 2))
+        return tf.reshape(tf.transpose(self.kernel, order), (self.kernel.shape[-1], -1))
 
     def weight_matrix(self, training=False) -> tf.Tensor:
         """The constrained (out, in...) matrix; ``training=True`` also updates ``u``."""
@@ -161,9 +164,6 @@ class SpectralDense(_SpectralBase):
     def build(self, input_shape):
         self.in_features = int(input_shape[-1])
         self._add_state((self.in_features, self.units), self.units)
-
-    def _matrix(self):
-        return tf.transpose(self.kernel)
 
     def constrained_kernel(self, training=False) -> tf.Tensor:
         """The (in, out) kernel the layer multiplies by."""
@@ -221,9 +221,6 @@ class SpectralConv2D(_SpectralBase):
             raise InputShapeError(f"{self.name}: input shape {tuple(input_shape)}; expected (N, H, W, C) (NHWC)")
         self.in_channels = int(input_shape[-1])
         self._add_state(self.kernel_size + (self.in_channels, self.filters), self.filters)
-
-    def _matrix(self):  # (kh, kw, in, out) -> (out, in, kh, kw) -> (out, in*kh*kw): torch's layout
-        return tf.reshape(tf.transpose(self.kernel, (3, 2, 0, 1)), (self.filters, -1))
 
     def constrained_kernel(self, training=False) -> tf.Tensor:
         """The (kh, kw, in, out) kernel the convolution uses."""

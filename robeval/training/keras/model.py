@@ -62,8 +62,10 @@ class RobustModel(keras.Model):
         return tf.add_n(terms) if terms else tf.constant(0.0)
 
     def objective(self, x, y, sample_weight=None, training=True) -> tuple[tf.Tensor, tf.Tensor]:
-        """(outputs on the clean x, the scalar loss to minimise); subclasses define it."""
-        raise NotImplementedError
+        """(outputs on the clean x, the scalar loss to minimise). Here the plain loss; subclasses add
+        their robust term."""
+        y_pred = self(x, training=training)
+        return y_pred, self.labeled_loss(y, y_pred, sample_weight) + self.regularization_loss()
 
     # -- Keras hooks
     def train_step(self, data):

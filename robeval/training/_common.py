@@ -155,6 +155,26 @@ class KappaSchedule:
         return self.start + (self.end - self.start) * ramp_fraction(t, self.warmup, self.ramp)
 
 
+#: Margin bounds the IBP objectives train on: interval bounds, or CROWN-IBP mixed with them.
+BOUNDS = ("ibp", "crown-ibp")
+
+
+def check_bound(bound: str) -> str:
+    """``bound`` if it is one of ``BOUNDS``."""
+    if bound not in BOUNDS:
+        raise InvalidParameterError(f"bound={bound!r}; expected one of {BOUNDS}")
+    return bound
+
+
+def weight_schedule(name: str, value):
+    """A weight in [0, 1] as a schedule of t: a callable is taken as given, a number held constant."""
+    if callable(value):
+        return value
+    if not 0 <= value <= 1:
+        raise InvalidParameterError(f"{name}={value!r}; expected a weight in [0, 1]")
+    return KappaSchedule(start=float(value), end=float(value))
+
+
 # --------------------------------------------------------------------------------------------
 # Initialisation and scales
 # --------------------------------------------------------------------------------------------

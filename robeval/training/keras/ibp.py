@@ -289,7 +289,7 @@ def certified_accuracy(model, x, y, eps: float, clip: tuple[float, float] | None
                        batch_size: int = 1000, bound: str = "ibp") -> float:
     """Fraction of samples whose margin lower bounds (``bound``: "ibp" or "crown-ibp") are all positive."""
     x, y = np.asarray(x), np.asarray(y)
-    beta = 1.0 if check_bound(bound) == "crown-ibp" else 0.0
+    beta = 1.0 if _common.check_bound(bound) == "crown-ibp" else 0.0
     hits = 0
     for i in range(0, len(x), batch_size):
         lb = margin_lower(model, x[i:i + batch_size], y[i:i + batch_size], eps, clip, bound, beta)
@@ -297,19 +297,9 @@ def certified_accuracy(model, x, y, eps: float, clip: tuple[float, float] | None
     return hits / max(len(x), 1)
 
 
-#: Margin bounds the IBP objectives train on: interval bounds, or CROWN-IBP mixed with them.
-BOUNDS = ("ibp", "crown-ibp")
-
-
-def check_bound(bound: str) -> str:
-    if bound not in BOUNDS:
-        raise InvalidParameterError(f"bound={bound!r}; expected one of {BOUNDS}")
-    return bound
-
-
 def margin_lower(model, x, y, eps, clip=(0.0, 1.0), bound: str = "ibp", beta=1.0) -> tf.Tensor:
     """The margin lower bounds trained on: IBP, or beta * CROWN-IBP + (1 - beta) * IBP."""
-    if check_bound(bound) == "ibp":
+    if _common.check_bound(bound) == "ibp":
         return ibp_margin_bounds(model, x, y, eps, clip)
     from .crown_ibp import mixed_margin_bounds
 
@@ -339,10 +329,10 @@ class IBPLoss:
                  clip: tuple[float, float] | None = (0.0, 1.0), bound: str = "ibp",
                  beta: float | KappaSchedule = 1.0):
         self.eps = eps if callable(eps) else EpsilonSchedule(target=_common.check_positive("eps", eps, True))
-        self.kappa = kappa if callable(kappa) else KappaSchedule(start=_check_kappa(kappa), end=kappa)
+        self.kappa = _common.weight_schedule("kappa", kappa)
         self.clip = check_clip(clip)
-        self.bound = check_bound(bound)
-        self.beta = beta if callable(beta) else KappaSchedule(start=_check_kappa(beta, "beta"), end=beta)
+        self.bound = _common.check_bound(bound)
+        self.beta = _common.weight_schedule("beta", beta)
 
     def __call__(self, model, x, y, t: float = math.inf, training=False) -> tf.Tensor:
         return ibp_loss(model, x, y, float(self.eps(t)), float(self.kappa(t)), self.clip, training,
@@ -399,7 +389,7 @@ class IBPTraining(RobustModel):
                  **kwargs):
         super().__init__(base_model, name=name, **kwargs)
         self.clip = check_clip(clip)
-        self.bound = check_bound(bound)
+        self.bound = _common.check_bound(bound)
         self.beta_variable = keras.Variable(_check_kappa(beta, "beta"), trainable=False, name="beta", dtype="float32")
         self.eps_variable = keras.Variable(_common.check_positive("eps", eps, True), trainable=False, name="eps",
                                            dtype="float32")

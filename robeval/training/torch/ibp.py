@@ -21,8 +21,6 @@ from .._common import EpsilonSchedule, KappaSchedule
 from .layers import GroupSort, SpectralConv2d, SpectralLinear
 
 Box = tuple[torch.Tensor, torch.Tensor]  # (centre, radius)
-#: Margin bounds that ``IBPLoss`` trains on and ``certified_accuracy`` checks.
-BOUNDS = ("ibp", "crown-ibp")
 
 
 def _linear(m: nn.Linear, c: torch.Tensor, r: torch.Tensor) -> Box:
@@ -208,9 +206,7 @@ def certified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
                        clip: tuple[float, float] | None = (0.0, 1.0), batch_size: int = 1000,
                        bound: str = "ibp") -> float:
     """Fraction of samples whose margin lower bounds (``bound``: "ibp" or "crown-ibp") are all positive."""
-    if bound not in BOUNDS:
-        raise InvalidParameterError(f"bound={bound!r}; expected one of {BOUNDS}")
-    if bound == "ibp":
+    if _common.check_bound(bound) == "ibp":
         margins = ibp_margin_bounds
     else:
         from .crown_ibp import crown_ibp_margin_bounds as margins
@@ -220,15 +216,6 @@ def certified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
             lb = margins(model, x[i:i + batch_size], y[i:i + batch_size], eps, clip)
             hits += int((lb > 0).all(dim=1).sum())
     return hits / max(x.shape[0], 1)
-
-
-def _weight_schedule(name: str, value: float | KappaSchedule):
-    """A weight in [0, 1] as a schedule of t (a callable is taken as given)."""
-    if callable(value):
-        return value
-    if not 0 <= value <= 1:
-        raise InvalidParameterError(f"{name}={value!r}; expected a weight in [0, 1]")
-    return KappaSchedule(start=value, end=value)
 
 
 class IBPLoss:
@@ -251,11 +238,9 @@ class IBPLoss:
                  clip: tuple[float, float] | None = (0.0, 1.0), bound: str = "ibp",
                  beta: float | KappaSchedule = 1.0):
         self.eps = eps if callable(eps) else EpsilonSchedule(target=_common.check_positive("eps", eps, True))
-        self.kappa = _weight_schedule("kappa", kappa)
-        if bound not in BOUNDS:
-            raise InvalidParameterError(f"bound={bound!r}; expected one of {BOUNDS}")
-        self.bound = bound
-        self.beta = _weight_schedule("beta", beta)
+        self.kappa = _common.weight_schedule("kappa", kappa)
+        self.bound = _common.check_bound(bound)
+        self.beta = _common.weight_schedule("beta", beta)
         self.clip = clip
 
     def margin_lower(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,

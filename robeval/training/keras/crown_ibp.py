@@ -28,11 +28,13 @@ L = keras.layers
 
 class Affine(NamedTuple):
     """z -> L z + b as ``forward`` (with b) and ``magnitude`` (r -> |L| r, no b); ``kernel``: the Dense
-    kernel (in, out) when the map is a matrix product, for a direct transpose."""
+    kernel (in, out) when the map is a matrix product, for a direct transpose; ``reshape``: L only
+    reshapes, so its transpose reshapes back."""
 
     forward: object
     magnitude: object
     kernel: object = None
+    reshape: bool = False
 
 
 RELU = "relu"
@@ -96,7 +98,9 @@ def _steps(layer) -> list:
             return z * tf.cast(layer.scale, z.dtype) + tf.cast(layer.offset, z.dtype)
 
         return [Affine(rescale, lambda r: r * tf.abs(tf.cast(layer.scale, r.dtype)))]
-    if isinstance(layer, (L.AveragePooling2D, L.GlobalAveragePooling2D, L.Flatten, L.Reshape)):
+    if isinstance(layer, (L.Flatten, L.Reshape)):
+        return [Affine(layer, layer, reshape=True)]
+    if isinstance(layer, (L.AveragePooling2D, L.GlobalAveragePooling2D)):
         return [Affine(layer, layer)]  # linear, with non-negative weights and no offset
     if isinstance(layer, PASS_THROUGH):
         return []
@@ -119,6 +123,8 @@ def _check_conv(layer) -> None:
 
 def _affine_back(step: Affine, lam, in_shape):
     """(L^T lam, lam . b) for lam (N, K, *out_shape)."""
+    if step.reshape:
+        return tf.reshape(lam, tf.concat([tf.shape(lam)[:2], in_shape], 0)), tf.zeros_like(lam[:, :, 0])
     if step.kernel is not None:
         grad = tf.einsum("nko,io->nki", lam, step.kernel)
     else:

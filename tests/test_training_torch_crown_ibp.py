@@ -15,6 +15,7 @@ from robeval.training.torch import (  # noqa: E402
     EpsilonSchedule,
     IBPLoss,
     KappaSchedule,
+    certified_accuracy,
     crown_ibp_margin_bounds,
     ibp_init_,
     ibp_margin_bounds,
@@ -119,6 +120,18 @@ def test_equal_to_the_certifiers_crown_ibp_on_the_exported_model(make, tmp_path)
     finite = np.isfinite(ours)
     assert np.array_equal(finite, np.isfinite(theirs))
     np.testing.assert_allclose(theirs[finite], ours[finite], rtol=1e-5, atol=1e-5 * np.abs(ours[finite]).max())
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+def test_certified_accuracy_counts_the_crown_ibp_bounds_without_gradients(make):
+    model = make()
+    x, y = _data(16, seed=8)
+    lower = crown_ibp_margin_bounds(model, x, y, 0.02).detach()
+    expected = float((lower > 0).all(dim=1).float().mean())
+    assert expected > 0  # some samples certified: the count is not trivially 0
+    assert certified_accuracy(model, x, y, 0.02, batch_size=5, bound="crown-ibp") == pytest.approx(expected)
+    with torch.no_grad():
+        torch.testing.assert_close(crown_ibp_margin_bounds(model, x, y, 0.02), lower)
 
 
 def test_mixture_weights_and_checks():

@@ -56,11 +56,14 @@ def _affine_back(layer: nn.Module, lam: torch.Tensor, in_shape: tuple[int, ...])
         return lam @ w, const
     if isinstance(layer, (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)):
         return lam.reshape(n, k, *in_shape), None
-    # any other affine layer: its transpose is the gradient of <lam, L z> with respect to z
-    zero = torch.zeros((n * k,) + in_shape, dtype=lam.dtype, device=lam.device, requires_grad=True)
-    offset = layer(zero[:1])
+    # any other affine layer: its transpose is the gradient of <lam, L z> with respect to z (taken
+    # under no_grad too, as in certified_accuracy; the graph is kept only where gradients are on)
+    offset = layer(torch.zeros((1,) + in_shape, dtype=lam.dtype, device=lam.device))
     flat = lam.reshape((n * k,) + tuple(lam.shape[2:]))
-    (grad,) = torch.autograd.grad(layer(zero), zero, grad_outputs=flat, create_graph=True)
+    keep_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        zero = torch.zeros((n * k,) + in_shape, dtype=lam.dtype, device=lam.device, requires_grad=True)
+        (grad,) = torch.autograd.grad(layer(zero), zero, grad_outputs=flat, create_graph=keep_graph)
     const = (lam * offset[0]).flatten(2).sum(-1)
     return grad.reshape((n, k) + in_shape), const
 

@@ -158,7 +158,7 @@ def nan_model(path):
 
 
 def log_softmax_model(path):
-    """Flatten -> Gemm -> LogSoftmax -> Gemm: LogSoftmax inside the network has no interval rule."""
+    """Flatten -> Gemm -> LogSoftmax -> Gemm: LogSoftmax inside the network has no CROWN relaxation."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = numpy.random.default_rng(0)
@@ -179,7 +179,7 @@ def test_evaluation_errors_exit_3(tmp_path):
     assert missing.exit_code == 3 and "ModelLoadError" in missing.output and "ERROR" in missing.output
     nan = gate("--config", write_config(tmp_path, ["clean_accuracy >= 0.0"], path=nan_model(tmp_path / "nan.onnx")))
     assert nan.exit_code == 3 and "NaN" in nan.output  # a NaN model must not pass "accuracy >= 0"
-    unsupported = gate("--config", write_config(tmp_path, ["certified_accuracy(method='ibp', eps=0.1) >= 0",
+    unsupported = gate("--config", write_config(tmp_path, ["certified_accuracy(method='crown', eps=0.1) >= 0",
                                                            "clean_accuracy >= 0"],
                                                 path=log_softmax_model(tmp_path / "lsm.onnx")))
     assert unsupported.exit_code == 3 and "log_softmax" in unsupported.output

@@ -84,6 +84,15 @@ def _inv_one_plus_exp(xp, z, err):
     return p, 2 * (err + eps * (xp.abs(z) + 4))  # factor 2: second-order terms and the ulps of exp
 
 
+def _softplus(xp, z, err):
+    """log(1 + exp(z)) without overflow, and a bound on its absolute error when z is off by <= err:
+    the argument's own error (softplus is 1-Lipschitz: err plus the subtraction's eps |z|), and
+    exp, log1p and the final addition, a few units of roundoff of |z| + 1 (factor 2 for safety)."""
+    eps = float(xp.finfo(z.dtype).eps)
+    value = xp.maximum(z, 0) + xp.log1p(xp.exp(-xp.abs(z)))
+    return value, 2 * (err + eps * (2 * xp.abs(z) + 4))
+
+
 @register("relu")
 class ReLU(ElementwiseOp):
     """max(x, 0); 1-Lipschitz."""
@@ -289,6 +298,21 @@ class LogSoftmax(_Squasher):
         s = Softmax.forward(self, xp, node, xs[0])
         ax = self._axis(node)
         return (g - s * g.sum(axis=ax, keepdims=True),)
+
+    def interval(self, xp, node, bounds):
+        """log p_i = -softplus(logsumexp_{j!=i}(x) - x_i) rises with x_i and falls with every other x_j:
+        lower from (lo_i, hi_others), upper from (hi_i, lo_others), each widened by a bound on its
+        rounding (softplus is 1-Lipschitz, so the argument's error passes through undamped)."""
+        lo, hi = bounds
+        ax = self._axis(node)
+        if lo.shape[ax] == 1:
+            return xp.zeros_like(lo), xp.zeros_like(hi)
+        lse_hi, err_hi = _logsumexp_others(xp, hi, ax)
+        lse_lo, err_lo = _logsumexp_others(xp, lo, ax)
+        low, slack_low = _softplus(xp, lse_hi - lo, err_hi)
+        high, slack_high = _softplus(xp, lse_lo - hi, err_lo)
+        tiny = float(xp.finfo(lo.dtype).tiny)
+        return -low - slack_low - tiny, xp.minimum(-high + slack_high + tiny, 0.0)
 
     def lipschitz(self, node, in_lips, in_shapes):
         ax = self._axis(node)  # counts the batch axis; in_shapes do not

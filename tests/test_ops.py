@@ -396,7 +396,9 @@ def test_missing_rule_raises_with_op_rule_and_node(name, rule):
     assert f"'{name}'" in str(err) and f"'{rule}'" in str(err) and "'op'" in str(err)
 
 
-def test_missing_rule_raises_through_network_walk():
+def test_missing_rule_raises_through_network_walk(monkeypatch):
+    """An op without an interval rule (simulated by removing LogSoftmax's) stops the walk by name."""
+    monkeypatch.setattr(type(OPS["log_softmax"]), "interval", Op.interval)
     net = Network([_dense("d", np.random.default_rng(0), 3, 4), Node("ls", "log_softmax", ("d",))], (4,))
     x = np.zeros((1, 4))
     with pytest.raises(UnsupportedRuleError, match="'log_softmax' \\(node 'ls'\\) has no 'interval'"):

@@ -252,6 +252,17 @@ class _Squasher(Op):
     def _axis(self, node):
         return int(node.attrs.get("axis", -1))
 
+    def _gaps(self, xp, node, lo, hi):
+        """z = logsumexp_{j!=i}(x) - x_i at the two box ends that bound output i, with bounds on their
+        rounding: (z_low, err_low) from (lo_i, hi_others) and (z_high, err_high) from (hi_i, lo_others).
+        The output falls as z rises. None when the axis holds one entry (the output is constant)."""
+        ax = self._axis(node)
+        if lo.shape[ax] == 1:
+            return None
+        lse_hi, err_hi = _logsumexp_others(xp, hi, ax)
+        lse_lo, err_lo = _logsumexp_others(xp, lo, ax)
+        return lse_hi - lo, err_hi, lse_lo - hi, err_lo
+
 
 @register("softmax")
 class Softmax(_Squasher):
@@ -271,13 +282,12 @@ class Softmax(_Squasher):
         """p_i in [1/(1 + sum_{j!=i} exp(u_j - l_i)), 1/(1 + sum_{j!=i} exp(l_j - u_i))], computed as
         1/(1 + exp(z)) with z = logsumexp_{j!=i}(.) - (.)_i, widened by a bound on its rounding."""
         lo, hi = bounds
-        ax = self._axis(node)
-        if lo.shape[ax] == 1:
+        gaps = self._gaps(xp, node, lo, hi)
+        if gaps is None:
             return xp.ones_like(lo), xp.ones_like(hi)
-        lse_hi, err_hi = _logsumexp_others(xp, hi, ax)
-        lse_lo, err_lo = _logsumexp_others(xp, lo, ax)
-        low, rel_low = _inv_one_plus_exp(xp, lse_hi - lo, err_hi)
-        high, rel_high = _inv_one_plus_exp(xp, lse_lo - hi, err_lo)
+        z_low, err_low, z_high, err_high = gaps
+        low, rel_low = _inv_one_plus_exp(xp, z_low, err_low)
+        high, rel_high = _inv_one_plus_exp(xp, z_high, err_high)
         tiny = float(xp.finfo(lo.dtype).tiny)
         return xp.clip(low * (1 - rel_low) - tiny, 0, 1), xp.clip(high * (1 + rel_high) + tiny, 0, 1)
 
@@ -304,13 +314,12 @@ class LogSoftmax(_Squasher):
         lower from (lo_i, hi_others), upper from (hi_i, lo_others), each widened by a bound on its
         rounding (softplus is 1-Lipschitz, so the argument's error passes through undamped)."""
         lo, hi = bounds
-        ax = self._axis(node)
-        if lo.shape[ax] == 1:
+        gaps = self._gaps(xp, node, lo, hi)
+        if gaps is None:
             return xp.zeros_like(lo), xp.zeros_like(hi)
-        lse_hi, err_hi = _logsumexp_others(xp, hi, ax)
-        lse_lo, err_lo = _logsumexp_others(xp, lo, ax)
-        low, slack_low = _softplus(xp, lse_hi - lo, err_hi)
-        high, slack_high = _softplus(xp, lse_lo - hi, err_lo)
+        z_low, err_low, z_high, err_high = gaps
+        low, slack_low = _softplus(xp, z_low, err_low)
+        high, slack_high = _softplus(xp, z_high, err_high)
         tiny = float(xp.finfo(lo.dtype).tiny)
         return -low - slack_low - tiny, xp.minimum(-high + slack_high + tiny, 0.0)
 

@@ -18,7 +18,9 @@ def random_mlp(rng, sizes=(12, 16, 16, 5), act="relu", input_shape=None):
         prev = f"fc{i}"
         if i < len(sizes) - 2:
             attrs = {"alpha": 0.1} if act == "leaky_relu" else {}
-            nodes.append(Node(f"act{i}", act, (prev,), attrs=attrs))
+            # PReLU: one learned slope per feature, of either sign (negative ones: |x|-like)
+            params = {"slope": rng.uniform(-2.0, 2.0, size=b)} if act == "prelu" else {}
+            nodes.append(Node(f"act{i}", act, (prev,), params, attrs))
             prev = f"act{i}"
     return Network(nodes, input_shape)
 

@@ -252,14 +252,16 @@ def test_single_dense_layer_closed_form(norm, order):
 
 
 # ----------------------------------------------------------------------------- soundness
-ACTS = ["relu", "leaky_relu", "sigmoid", "tanh", "clip"]
+ACTS = ["relu", "leaky_relu", "prelu", "sigmoid", "tanh", "clip"]
 
 
 def _act(name, rng, inp, kind):
-    attrs = {"alpha": float(rng.choice([0.01, 0.2, 1.5]))} if kind == "leaky_relu" else {}
+    # slopes of both signs: negative ones make the activation |x|-like (not monotone)
+    attrs = {"alpha": float(rng.choice([0.01, 0.2, 1.5, -0.5, -2.0]))} if kind == "leaky_relu" else {}
     if kind == "clip":
         attrs = {"low": float(rng.uniform(-1, 0)), "high": float(rng.uniform(0, 1))}
-    return Node(name, kind, (inp,), attrs=attrs)
+    params = {"slope": numpy.array(float(rng.choice([-1.5, -0.3, 0.4, 2.0])))} if kind == "prelu" else {}
+    return Node(name, kind, (inp,), params, attrs)
 
 
 def _conv(name, inp, rng, cin, cout, k, stride, pads):
@@ -276,8 +278,10 @@ def every_op_net(rng, acts, pool, extremum, group, tail=False):
     stride = (int(rng.integers(1, 3)),) * 2
     pad = int(rng.integers(0, 2))
     nodes = [_conv("c1", "input", rng, 2, c, 3, stride, (pad, pad, pad, pad)),
-             Node("bn", "batchnorm", ("c1",), {"scale": rng.uniform(0.5, 1.5, (c, 1, 1)),
-                                              "shift": rng.normal(size=(c, 1, 1)) * 0.2}),
+             Node("bn", "batchnorm", ("c1",), {"gamma": rng.uniform(0.5, 1.5, (c, 1, 1)),
+                                              "beta": rng.normal(size=(c, 1, 1)) * 0.2,
+                                              "mean": rng.normal(size=(c, 1, 1)) * 0.1,
+                                              "var": rng.uniform(0.5, 2.0, (c, 1, 1))}, {"eps": 1e-5}),
              _act("a1", rng, "bn", acts[0])]
     pool_attrs = {"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0, 1, 1) if rng.random() < 0.5 else (0, 0, 0, 0)}
     nodes.append(Node("p1", pool, ("a1",), attrs=pool_attrs))
@@ -391,6 +395,7 @@ def test_sampled_points_never_beat_the_bound_on_mlps(seed, eps, norm, act, arch)
 def test_eps_zero_gives_the_exact_margin():
     rng = numpy.random.default_rng(3)
     for acts, pool, ext, group in [(["relu", "sigmoid", "tanh", "leaky_relu"], "maxpool", "max", 2),
+                                   (["prelu", "leaky_relu", "prelu", "relu"], "maxpool", "max", 2),
                                    (["clip", "relu", "relu", "tanh"], "avgpool", "min", 4)]:
         net = every_op_net(rng, acts, pool, ext, group)
         x = rng.random((6,) + net.input_shape)
@@ -490,7 +495,7 @@ def _boxes(rng, shape):
     return lo, lo + width
 
 
-@pytest.mark.parametrize("op", ["sigmoid", "tanh", "relu", "leaky_relu", "clip"])
+@pytest.mark.parametrize("op", ["sigmoid", "tanh", "relu", "leaky_relu", "prelu", "clip"])
 def test_elementwise_lines_enclose_the_function(op):
     from robeval.ir.registry import get_op
 

@@ -143,6 +143,9 @@ CASES = {
                      {"g": w(5), "b": w(5), "m": w(5), "v": np.abs(w(5)) + 0.5}),
     "relu": ([node("Relu", ["x"])], IMG, {}),
     "leaky_relu": ([node("LeakyRelu", ["x"], alpha=0.2)], IMG, {}),
+    "leaky_relu_negative": ([node("LeakyRelu", ["x"], alpha=-1.5)], IMG, {}),
+    "prelu_channels": ([node("PRelu", ["x", "s"])], IMG, {"s": c([[[-1.5]], [[0.25]], [[2.0]]], np.float32)}),
+    "prelu_scalar": ([node("PRelu", ["x", "s"])], (5,), {"s": c(-0.5, np.float32)}),
     "sigmoid": ([node("Sigmoid", ["x"])], IMG, {}),
     "tanh": ([node("Tanh", ["x"])], IMG, {}),
     "clip_min_max": ([node("Clip", ["x", "lo", "hi"])], IMG, {"lo": c(-0.5, np.float32), "hi": c(0.7, np.float32)}),
@@ -257,9 +260,10 @@ def test_converters_cover_every_op_version_from_opset_13():
 
 def test_converter_details():
     net = load_onnx(make_model(*CASES["batchnorm_4d"]))
-    assert [n.op for n in net.nodes] == ["batchnorm"] and net.nodes[0].params["scale"].shape == (3, 1, 1)
+    assert [n.op for n in net.nodes] == ["batchnorm"] and net.nodes[0].params["gamma"].shape == (3, 1, 1)
+    assert net.nodes[0].params["var"].dtype == np.float32  # the stored statistics, folded by the op in float64
     net = load_onnx(make_model(*CASES["batchnorm_2d"]))
-    assert net.nodes[0].params["scale"].shape == (5,)
+    assert net.nodes[0].params["mean"].shape == (5,)
     net = load_onnx(make_model(*CASES["gemm_transB_alpha_beta"]))
     assert [n.op for n in net.nodes] == ["dense"] and net.nodes[0].params["weight"].dtype == np.float32
     net = load_onnx(make_model(*CASES["shape_subgraph_flatten"]))

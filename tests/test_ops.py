@@ -73,15 +73,23 @@ def _scale_node(rng, shape, name="op", src="input", op="scale") -> Node:
 
 
 def _batchnorm_node(rng, channels: int, spatial: bool) -> Node:
-    """Inference batch norm folded the way adapters fold it; raw statistics kept for the reference."""
-    gamma, beta = rng.normal(size=channels), rng.normal(size=channels)
-    mean, var, eps = rng.normal(size=channels), rng.uniform(0.1, 2.0, size=channels), 1e-5
-    scale = gamma / np.sqrt(var + eps)
-    shift = beta - mean * scale
+    """Inference batch norm as adapters store it: the raw statistics, folded by the op itself."""
     shape = (channels, 1, 1) if spatial else (channels,)
-    node = Node("op", "batchnorm", ("input",), {"scale": scale.reshape(shape), "shift": shift.reshape(shape)})
-    node.attrs["_stats"] = (gamma, beta, mean, var, eps)  # read by the torch reference only
-    return node
+    stats = {"gamma": rng.normal(size=channels), "beta": rng.normal(size=channels),
+             "mean": rng.normal(size=channels), "var": rng.uniform(0.1, 2.0, size=channels)}
+    return Node("op", "batchnorm", ("input",), {k: v.reshape(shape) for k, v in stats.items()}, {"eps": 1e-5})
+
+
+def _divisor_node(rng, shape) -> Node:
+    """x / c + b with divisors of both signs (ONNX Div by a constant): 1 / c rounds when folded."""
+    divisor = rng.choice([-1.0, 1.0], size=shape) * rng.uniform(0.3, 3.0, size=shape)
+    return Node("op", "scale", ("input",), {"divisor": divisor, "shift": rng.normal(size=shape)})
+
+
+def _prelu_node(rng, shape) -> Node:
+    """Learned slopes of every kind: negative (|x|-like), in [0, 1], and above 1 (concave)."""
+    slope = rng.choice([-2.5, -1.0, -0.3, 0.0, 0.25, 1.0, 1.7], size=shape)
+    return Node("op", "prelu", ("input",), {"slope": slope})
 
 
 # ----------------------------------------------------------------------------- torch references
@@ -105,12 +113,19 @@ def _tconv(net, x, name="op"):
 
 
 def _tscale(net, x, name="op"):
+    if "divisor" in net.node(name).params:
+        return x / _p(net, name, "divisor") + _p(net, name, "shift")
     return x * _p(net, name, "scale") + _p(net, name, "shift")
 
 
 def _tbatchnorm(net, x):
-    gamma, beta, mean, var, eps = (torch.as_tensor(v) for v in net.node("op").attrs["_stats"])
-    return F.batch_norm(x, mean, var, gamma, beta, training=False, eps=float(eps))
+    node = net.node("op")
+    gamma, beta, mean, var = (_p(net, "op", k).reshape(-1) for k in ("gamma", "beta", "mean", "var"))
+    return F.batch_norm(x, mean, var, gamma, beta, training=False, eps=float(node.attrs["eps"]))
+
+
+def _tprelu(net, x):
+    return torch.where(x > 0, x, x * _p(net, "op", "slope"))
 
 
 def _tmaxpool(net, x):
@@ -204,6 +219,8 @@ CASES = [
     Case("scale_per_channel", "scale", (3, 4, 4), lambda rng: [_scale_node(rng, (3, 1, 1))], _tscale,
          explicit_norm=True),
     Case("scale_scalar", "scale", (5,), lambda rng: [_scale_node(rng, ())], _tscale, explicit_norm=True),
+    Case("scale_divisor", "scale", (3, 2, 2), lambda rng: [_divisor_node(rng, (3, 1, 1))], _tscale,
+         explicit_norm=True),
     Case("batchnorm_image", "batchnorm", (3, 2, 2), lambda rng: [_batchnorm_node(rng, 3, True)], _tbatchnorm,
          explicit_norm=True),
     Case("batchnorm_features", "batchnorm", (4,), lambda rng: [_batchnorm_node(rng, 4, False)], _tbatchnorm,
@@ -226,6 +243,15 @@ CASES = [
          lambda net, x: F.leaky_relu(x, 0.1)),
     Case("leaky_relu_2", "leaky_relu", (7,), _node("leaky_relu", alpha=2.0),
          lambda net, x: F.leaky_relu(x, 2.0)),
+    # negative slopes make the op |x|-like (not monotone): the minimum can sit inside the box
+    Case("leaky_relu_-1", "leaky_relu", (7,), _node("leaky_relu", alpha=-1.0),
+         lambda net, x: F.leaky_relu(x, -1.0)),
+    Case("leaky_relu_-3", "leaky_relu", (7,), _node("leaky_relu", alpha=-3.0),
+         lambda net, x: F.leaky_relu(x, -3.0)),
+    Case("prelu_channels", "prelu", (7, 2, 2), lambda rng: [_prelu_node(rng, (7, 1, 1))], _tprelu),
+    Case("prelu_features", "prelu", (7,), lambda rng: [_prelu_node(rng, (7,))], _tprelu),
+    Case("prelu_shared_negative", "prelu", (6,),
+         lambda rng: [Node("op", "prelu", ("input",), {"slope": np.array(-0.5)})], _tprelu),
     Case("sigmoid", "sigmoid", (7,), _node("sigmoid"), lambda net, x: torch.sigmoid(x)),
     Case("tanh", "tanh", (7,), _node("tanh"), lambda net, x: torch.tanh(x)),
     Case("clip_low", "clip", (7,), _node("clip", low=-0.5), _tclip(-0.5, None)),
@@ -287,7 +313,11 @@ MISSING_RULES = {
 }
 
 #: Ops with their own relaxation (affine ops "support" relax through their vjp).
-RELAX_CASES = ["relu", "leaky_relu_0.1", "leaky_relu_2", "clip_low", "clip_high", "clip_both", "sigmoid", "tanh"]
+RELAX_CASES = ["relu", "leaky_relu_0.1", "leaky_relu_2", "leaky_relu_-1", "leaky_relu_-3", "prelu_channels",
+               "prelu_features", "prelu_shared_negative", "clip_low", "clip_high", "clip_both", "sigmoid", "tanh"]
+
+#: Elementwise ops that are not monotone for every parameter (their tightness is checked apart).
+PIECEWISE = ("leaky_relu", "prelu")
 
 
 def _case(case_id: str) -> Case:
@@ -493,7 +523,7 @@ def test_interval_with_eps_zero_is_the_forward(case):
     np.testing.assert_allclose(hi, y, rtol=0, atol=tol)
 
 
-@_params([c.id for c in CASES if isinstance(OPS[c.op], MonotoneOp)])
+@_params([c.id for c in CASES if isinstance(OPS[c.op], MonotoneOp) and c.op not in PIECEWISE])
 def test_monotone_interval_is_tight(case):
     """For monotone ops the bounds are the forward at the box ends (up to the declared widening)."""
     net = case.network()
@@ -503,6 +533,21 @@ def test_monotone_interval_is_tight(case):
     lo_out, hi_out = op.interval(np, node, *boxes)
     np.testing.assert_allclose(lo_out, op.forward(np, node, *(b[0] for b in boxes)), rtol=1e-9, atol=1e-300)
     np.testing.assert_allclose(hi_out, op.forward(np, node, *(b[1] for b in boxes)), rtol=1e-9, atol=1e-300)
+
+
+@_params([c.id for c in CASES if c.op in PIECEWISE])
+def test_piecewise_linear_interval_is_tight(case):
+    """x if x > 0 else a x: the extremes over a box are at its ends or, when it straddles 0, at 0."""
+    net = case.network()
+    op, node = _target(net)
+    lo, hi = _box(case.rng("tight"), (1,) + node.attrs["in_shapes"][0])
+    f_lo, f_hi = op.forward(np, node, lo), op.forward(np, node, hi)
+    straddle = (lo < 0) & (hi > 0)
+    want_lo = np.where(straddle, np.minimum(np.minimum(f_lo, f_hi), 0), np.minimum(f_lo, f_hi))
+    want_hi = np.where(straddle, np.maximum(np.maximum(f_lo, f_hi), 0), np.maximum(f_lo, f_hi))
+    lo_out, hi_out = op.interval(np, node, (lo, hi))
+    np.testing.assert_allclose(lo_out, want_lo, rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(hi_out, want_hi, rtol=1e-9, atol=1e-300)
 
 
 @_params([c.id for c in CASES if isinstance(OPS[c.op], AffineOp) and len(c.build(np.random.default_rng(0))) == 1])
@@ -612,9 +657,13 @@ def test_relaxation_lines_enclose_the_function(case):
     net = case.network()
     op, node = _target(net)
     rng = case.rng("relax")
-    lo, hi = _relax_boxes(rng)
+    per = math.prod(case.input_shape)
+    lo, hi = _relax_boxes(rng, per * -(-400 // per))
+    if "slope" in node.params:  # per-entry slopes: boxes shaped (batch, *per-sample shape) as CROWN passes them
+        lo, hi = (a.reshape((-1,) + case.input_shape) for a in (lo, hi))
     a_l, b_l, a_u, b_u = op.relax(np, node, lo, hi)
-    x = np.concatenate([lo[None], hi[None], np.clip(lo + (hi - lo) * rng.uniform(size=(300, lo.size)), lo, hi)])
+    u = rng.uniform(size=(300,) + lo.shape)
+    x = np.concatenate([lo[None], hi[None], np.clip(lo + (hi - lo) * u, lo, hi)])
     f = op.forward(np, node, x)
     slack = 1e-12 * (1 + np.abs(x) + np.abs(f))
     _assert_inside(f, a_l * x + b_l - slack, a_u * x + b_u + slack, case.id)

@@ -179,6 +179,16 @@ def test_spectral_network_bound_and_export():
     assert _max_ratio(net, x, torch.rand(64, 1, 4, 4)) <= bound
 
 
+def test_lipschitz_bound_counts_a_leaky_relu_slope_of_any_sign():
+    """LeakyReLU(-2) is 2-Lipschitz, not 1: the product of layer bounds must include |slope|."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Flatten(), SpectralLinear(16, 8), nn.LeakyReLU(-2.0), SpectralLinear(8, 1))
+    bound = lipschitz_bound(net)
+    assert bound == pytest.approx(2.0, rel=1e-3)
+    x = torch.rand(256, 1, 4, 4)
+    assert _max_ratio(net.eval(), x, x + 1e-3 * torch.randn_like(x)) <= bound
+
+
 # ---------------------------------------------------------------- sandwich / LBDN
 
 

@@ -425,11 +425,11 @@ def _batchnorm(cv, layer, ins, ctx):
     if [a % rank for a in axes] != [channel_axis]:
         return cv.problem(f"BatchNormalization over axis {layer.axis} (only the channel axis)", ctx.where)
     mean, var = _np(layer.moving_mean), _np(layer.moving_variance)
-    scale = 1.0 / numpy.sqrt(var + layer.epsilon)
-    scale = scale * _np(layer.gamma) if layer.scale else scale
-    shift = (_np(layer.beta) if layer.center else 0.0) - mean * scale
+    stats = {"gamma": _np(layer.gamma) if layer.scale else numpy.ones_like(mean),
+             "beta": _np(layer.beta) if layer.center else numpy.zeros_like(mean), "mean": mean, "var": var}
     shape = (-1,) + (1,) * (rank - 2)
-    return cv.add("batchnorm", [x], ctx.name, {"scale": scale.reshape(shape), "shift": shift.reshape(shape)})
+    return cv.add("batchnorm", [x], ctx.name, {k: v.reshape(shape) for k, v in stats.items()},
+                  {"eps": float(layer.epsilon)})
 
 
 def _pool(cv, layer, ins, ctx):
@@ -485,6 +485,17 @@ def _relu(cv, layer, ins, ctx):
     if slope != 0:
         return cv.add("leaky_relu", [x], ctx.name, attrs={"alpha": slope})
     return cv.add("relu", [x], ctx.name)
+
+
+def _prelu(cv, layer, ins, ctx):
+    """PReLU's learned slopes (shape: the per-sample input shape, 1 on shared axes) moved to NCHW."""
+    (x,) = ins
+    alpha = _np(layer.alpha)
+    if cv.is_image(x.shape) and cv.channels_last and alpha.ndim == 3:
+        alpha = alpha.transpose(2, 0, 1)
+    elif alpha.ndim != len(x.shape):
+        return cv.problem(f"PReLU with slopes of shape {alpha.shape} on input of shape {x.shape}", ctx.where)
+    return cv.add("prelu", [x], ctx.name, {"slope": alpha})
 
 
 def _softmax(cv, layer, ins, ctx):
@@ -558,6 +569,7 @@ LAYERS = {
     L.ReLU: _relu,
     L.LeakyReLU: lambda cv, layer, ins, ctx: cv.add("leaky_relu", ins, ctx.name,
                                                     attrs={"alpha": float(layer.negative_slope)}),
+    L.PReLU: _prelu,
     L.Softmax: _softmax,
     L.Rescaling: _rescaling,
     L.Normalization: _normalization,

@@ -222,7 +222,7 @@ def merge_bias(nodes: list[Node], output: str) -> list[Node]:
 
 def _bias_from_shift(src: Node, scale: Node):
     """The shift as a (Cout,) bias when it is constant per output feature/channel, else None."""
-    if not numpy.all(numpy.asarray(scale.params["scale"]) == 1):
+    if "scale" not in scale.params or not numpy.all(numpy.asarray(scale.params["scale"]) == 1):
         return None
     cout = src.params["weight"].shape[0]
     shift = numpy.asarray(scale.params["shift"])
@@ -245,7 +245,8 @@ _PAIR_OPS = frozenset({"max", "min", "maxpool", "reshape", "transpose", "slice",
 
 def _in_pair_region(node: Node) -> bool:
     if node.op == "scale":
-        return bool(numpy.all(numpy.abs(node.params["scale"]) == 1) and numpy.all(node.params["shift"] == 0))
+        return bool("scale" in node.params and numpy.all(numpy.abs(node.params["scale"]) == 1)
+                    and numpy.all(node.params["shift"] == 0))
     if node.op == "maxpool":  # only the max of separate pairs (not a 2x2 pooling layer after the activation)
         kernel = tuple(node.attrs["kernel"])
         return math.prod(kernel) == 2 and tuple(node.attrs.get("stride", kernel)) == kernel \

@@ -28,6 +28,15 @@ def leaky_relu(cx, node):
                  attrs={"alpha": float(attrs(node).get("alpha", 0.01))})]
 
 
+@converter("PRelu", 9, 16)
+def prelu(cx, node):
+    """x if x > 0 else slope * x with a constant slope broadcast to the input (any sign)."""
+    if cx.dynamic(node.input[1]):
+        raise Unsupported("the slope must be a constant")
+    slope = _per_sample(cx, node.input[1], node.input[0], "the slope")
+    return [Node(node.output[0], "prelu", (cx.src(node.input[0]),), {"slope": cx.param(slope)})]
+
+
 @converter("Clip", 13)
 def clip(cx, node):
     bounds = []

@@ -57,9 +57,9 @@ def matmul(cx, node):
         ("reshape", {}, {"shape": shape[:-1] + (m,)})])
 
 
-def _scale(cx, node, x, scale, shift) -> list[Node]:
+def _scale(cx, node, x, scale, shift, key="scale") -> list[Node]:
     scale, shift = numpy.broadcast_arrays(scale, shift)
-    return [Node(node.output[0], "scale", (cx.src(x),), {"scale": cx.param(scale), "shift": cx.param(shift)})]
+    return [Node(node.output[0], "scale", (cx.src(x),), {key: cx.param(scale), "shift": cx.param(shift)})]
 
 
 @converter("Add", 13, 14)
@@ -87,7 +87,7 @@ def arith(cx, node):
         return _scale(cx, node, x, c, zero)
     if const_first:
         raise Unsupported("division by an input-dependent tensor is not supported")
-    return _scale(cx, node, x, 1.0 / c, zero)
+    return _scale(cx, node, x, c, zero, key="divisor")  # 1 / c is folded with its rounding bounded
 
 
 @converter("Neg", 13)
@@ -97,18 +97,15 @@ def neg(cx, node):
 
 @converter("BatchNormalization", 9, 14, 15)
 def batchnorm(cx, node):
-    """Inference batch norm folded to scale = gamma / sqrt(var + eps), shift = beta - mean * scale."""
+    """Inference batch norm, kept as its stored statistics (the op folds them with rounding bounded)."""
     a = attrs(node)
     if a.get("training_mode", 0):
         raise Unsupported("training_mode=1; export the model in eval mode")
     x = node.input[0]
-    gamma, beta, mean, var = (cx.const(n, what).astype(numpy.float64)
-                              for n, what in zip(node.input[1:], ("scale", "B", "mean", "var")))
-    scale = gamma / numpy.sqrt(var + a.get("epsilon", 1e-5))
-    shift = beta - mean * scale
     shape = (-1,) + (1,) * (len(cx.shape(x)) - 1)
-    return [Node(node.output[0], "batchnorm", (cx.src(x),),
-                 {"scale": cx.param(scale.reshape(shape)), "shift": cx.param(shift.reshape(shape))})]
+    params = {key: cx.param(cx.const(n, what).reshape(shape))
+              for key, n, what in zip(("gamma", "beta", "mean", "var"), node.input[1:], ("scale", "B", "mean", "var"))}
+    return [Node(node.output[0], "batchnorm", (cx.src(x),), params, {"eps": float(a.get("epsilon", 1e-5))})]
 
 
 @converter("Conv", 11, 22)

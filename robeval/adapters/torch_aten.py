@@ -21,6 +21,7 @@ from .torch_build import (
     _Ctx,
     _dense,
     _maxpool,
+    _prelu,
     _reshape,
     _softmax,
 )
@@ -124,6 +125,8 @@ ATEN: dict[Any, Any] = {
     aten.relu.default: lambda b, a, c: b.add("relu", [a[0]], c),
     aten.relu_.default: lambda b, a, c: b.add("relu", [a[0]], c),
     aten.leaky_relu.default: lambda b, a, c: b.add("leaky_relu", [a[0]], c, attrs={"alpha": float(a[1])}),
+    aten.prelu.default: lambda b, a, c: _prelu(b, a[0], c, a[1]),
+    aten._prelu_kernel.default: lambda b, a, c: _prelu(b, a[0], c, a[1]),
     aten.sigmoid.default: lambda b, a, c: b.add("sigmoid", [a[0]], c),
     aten.tanh.default: lambda b, a, c: b.add("tanh", [a[0]], c),
     aten.hardtanh.default: lambda b, a, c: _clip(b, a[0], c, a[1], a[2]),

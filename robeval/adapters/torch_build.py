@@ -109,11 +109,24 @@ def _conv(b, x, ctx, weight, bias, stride, padding, dilation, groups):
 def _batchnorm(b, x, ctx, gamma, beta, mean, var, eps):
     if mean is None or var is None:
         return b.problem("batch norm without running statistics (uses batch statistics)", ctx)
-    scale = 1.0 / torch.sqrt(var.double() + eps)
-    scale = scale * gamma.double() if gamma is not None else scale
-    shift = -mean.double() * scale + (beta.double() if beta is not None else 0.0)
     shape = (-1,) + (1,) * (len(ctx.in_shape) - 1)
-    return b.add("batchnorm", [x], ctx, {"scale": scale.reshape(shape), "shift": shift.reshape(shape)})
+    ones = torch.ones_like(mean)
+    stats = {"gamma": gamma if gamma is not None else ones, "beta": beta if beta is not None else 0 * ones,
+             "mean": mean, "var": var}
+    return b.add("batchnorm", [x], ctx, {k: v.detach().reshape(shape) for k, v in stats.items()},
+                 {"eps": float(eps)})
+
+
+def _prelu(b, x, ctx, weight):
+    """PReLU's learned slope: one per channel (axis 1) or one shared by all entries."""
+    if not isinstance(weight, torch.Tensor):
+        return b.problem("a PReLU slope computed from the input", ctx)
+    w = weight.detach().reshape(-1)
+    if w.numel() == 1:
+        return b.add("prelu", [x], ctx, {"slope": w.reshape(())})
+    if not ctx.in_shape or w.numel() != ctx.in_shape[0]:
+        return b.problem(f"PReLU with {w.numel()} slopes on input of shape {ctx.in_shape}", ctx)
+    return b.add("prelu", [x], ctx, {"slope": w.reshape((-1,) + (1,) * (len(ctx.in_shape) - 1))})
 
 
 def _maxpool(b, x, ctx, kernel, stride, padding, dilation=1, ceil_mode=False):

@@ -9,7 +9,19 @@ import torch
 from torch import nn
 
 from .torch_aten import ATEN
-from .torch_build import _adaptive, _avgpool, _batchnorm, _clip, _conv, _Ctx, _dense, _maxpool, _reshape, _softmax
+from .torch_build import (
+    _adaptive,
+    _avgpool,
+    _batchnorm,
+    _clip,
+    _conv,
+    _Ctx,
+    _dense,
+    _maxpool,
+    _prelu,
+    _reshape,
+    _softmax,
+)
 
 
 def _is_plugin(m: nn.Module) -> bool:
@@ -62,6 +74,7 @@ MODULES = {
     nn.Unflatten: lambda b, m, x, c: _reshape(b, x, c),
     nn.ReLU: lambda b, m, x, c: b.add("relu", [x], c),
     nn.LeakyReLU: lambda b, m, x, c: b.add("leaky_relu", [x], c, attrs={"alpha": float(m.negative_slope)}),
+    nn.PReLU: lambda b, m, x, c: _prelu(b, x, c, m.weight),
     nn.Sigmoid: lambda b, m, x, c: b.add("sigmoid", [x], c),
     nn.Tanh: lambda b, m, x, c: b.add("tanh", [x], c),
     nn.ReLU6: lambda b, m, x, c: _clip(b, x, c, 0.0, 6.0),

@@ -58,7 +58,7 @@ from .spec import split_margin_head
 #: Methods of ``crown_margin_bounds``: how intermediate bounds are computed.
 METHODS = ("crown", "crown-pure", "crown-ibp")
 #: Consumers whose relaxation is exact for a sign-stable neuron (so IBP-stable neurons are skipped).
-SIGN_STABLE = ("relu", "leaky_relu")
+SIGN_STABLE = ("relu", "leaky_relu", "prelu")
 #: Arrays of the size of one coefficient tensor alive at once during a step (the cost model).
 WORK_ARRAYS = 4
 #: Specification rows per sample assumed when choosing the batch; more rows run in chunks.

@@ -1,11 +1,14 @@
-"""Elementwise activations and pass-through ops: ReLU, LeakyReLU, Sigmoid, Tanh, Clip, Identity,
+"""Elementwise activations and pass-through ops: ReLU, LeakyReLU, PReLU, Sigmoid, Tanh, Clip, Identity,
 and the output squashers Softmax / LogSoftmax (which certifiers strip from the end of a network)."""
 
 from __future__ import annotations
 
 import math
 
-from ..registry import ElementwiseOp, Op, StructuralOp, register
+import numpy
+
+from ...backend import asnumpy
+from ..registry import ElementwiseOp, Op, StructuralOp, register, widen
 
 
 def _chord(xp, f, lo, hi):
@@ -116,38 +119,77 @@ class ReLU(ElementwiseOp):
         return 1.0
 
 
-@register("leaky_relu")
-class LeakyReLU(ElementwiseOp):
-    """x if x > 0 else alpha * x, with 0 <= alpha (attrs: alpha); Lipschitz max(1, alpha)."""
+class _PiecewiseLinear(ElementwiseOp):
+    """x if x > 0 else a * x for a slope a of any sign or size (per entry for PReLU).
 
-    ulps = 1.0
+    Only a >= 0 makes the op monotone; a < 0 makes it |x|-like, with its minimum 0 at x = 0 inside a
+    box that straddles 0, so the interval rule takes the extremes over lo, hi and the kink (0).
+    The op is convex for a <= 1 and concave for a > 1; the relaxation picks its lines per entry."""
+
+    ulps = 1.0  # a * x rounds once
+
+    def slope(self, xp, node):
+        raise NotImplementedError
 
     def forward(self, xp, node, x):
-        return xp.where(x > 0, x, x * node.attrs["alpha"])
+        return xp.where(x > 0, x, x * self.slope(xp, node))
 
     def vjp(self, xp, node, xs, g):
-        return (g * xp.where(xs[0] > 0, 1.0, node.attrs["alpha"]),)
+        return (g * xp.where(xs[0] > 0, 1.0, self.slope(xp, node)),)
+
+    def interval(self, xp, node, bounds):
+        lo, hi = bounds
+        f_lo, f_hi = self.forward(xp, node, lo), self.forward(xp, node, hi)
+        straddle = (lo < 0) & (hi > 0)
+        low = xp.where(straddle, xp.minimum(xp.minimum(f_lo, f_hi), 0.0), xp.minimum(f_lo, f_hi))
+        high = xp.where(straddle, xp.maximum(xp.maximum(f_lo, f_hi), 0.0), xp.maximum(f_lo, f_hi))
+        eps = float(xp.finfo(lo.dtype).eps)
+        return widen(xp, low, high, eps)
 
     def relax(self, xp, node, lo, hi):
-        a = node.attrs["alpha"]
+        """Unstable entries: the chord on the side where the op is convex (a <= 1: above; a > 1:
+        below) and, on the other side, a line through the origin with slope 1 or a, whichever leaves
+        the smaller area (CROWN's adaptive choice; both slopes are supporting lines at the kink)."""
+        a = xp.broadcast_to(xp.asarray(self.slope(xp, node), dtype=lo.dtype), lo.shape[1:])[None]
         unstable = (lo < 0) & (hi > 0)
         width = xp.where(unstable, hi - lo, 1.0)
         chord = (hi - a * lo) / width
-        slope_stable = xp.where(lo >= 0, 1.0, a)
-        if a <= 1:
-            up_slope = xp.where(unstable, chord, slope_stable)
-            up_icpt = xp.where(unstable, hi - chord * hi, 0.0)
-            low_slope = xp.where(unstable, xp.where(hi > -lo, 1.0, a), slope_stable)
-            low_icpt = xp.zeros_like(lo)
-        else:  # convex becomes concave: swap the roles
-            low_slope = xp.where(unstable, chord, slope_stable)
-            low_icpt = xp.where(unstable, hi - chord * hi, 0.0)
-            up_slope = xp.where(unstable, xp.where(hi > -lo, 1.0, a), slope_stable)
-            up_icpt = xp.zeros_like(lo)
-        return low_slope, low_icpt, up_slope, up_icpt
+        chord_icpt = hi - chord * hi
+        stable = xp.where(lo >= 0, 1.0, a)
+        origin = xp.where(hi > -lo, 1.0, a)  # area of the gap: linear in the slope, minimal at an end
+        convex = a <= 1
+        chord_s, chord_b = xp.where(unstable, chord, stable), xp.where(unstable, chord_icpt, 0.0)
+        origin_s = xp.where(unstable, origin, stable)
+        zero = xp.zeros_like(lo)
+        low_s = xp.where(convex, origin_s, chord_s)
+        low_b = xp.where(convex, zero, chord_b)
+        up_s = xp.where(convex, chord_s, origin_s)
+        up_b = xp.where(convex, chord_b, zero)
+        return low_s, low_b, up_s, up_b
+
+
+@register("leaky_relu")
+class LeakyReLU(_PiecewiseLinear):
+    """x if x > 0 else alpha * x (attrs: alpha, any sign); Lipschitz max(1, |alpha|)."""
+
+    def slope(self, xp, node):
+        return float(node.attrs["alpha"])
 
     def slope_bound(self, node):
         return max(1.0, abs(float(node.attrs["alpha"])))
+
+
+@register("prelu")
+class PReLU(_PiecewiseLinear):
+    """x if x > 0 else slope * x with a learned slope (params: slope, broadcastable to the per-sample
+    shape, e.g. (C, 1, 1) per channel; any sign); Lipschitz max(1, max |slope|)."""
+
+    def slope(self, xp, node):
+        return node.params["slope"]
+
+    def slope_bound(self, node):
+        s = numpy.abs(numpy.asarray(asnumpy(node.params["slope"]), dtype=numpy.float64))
+        return max(1.0, float(s.max(initial=0.0)))
 
 
 @register("sigmoid")

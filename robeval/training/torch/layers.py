@@ -259,7 +259,7 @@ class MaxMin(GroupSort):
         return ""
 
 
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout, nn.LeakyReLU, nn.Tanh)
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout, nn.Tanh)
 
 
 def export_model(model: nn.Module) -> nn.Sequential:
@@ -297,6 +297,8 @@ def lipschitz_bound(model: nn.Module) -> float:
             bound *= float(layer.lipschitz_bound())
         elif isinstance(layer, nn.Linear):
             bound *= _common.spectral_norm(layer.weight.detach().cpu().numpy())
+        elif isinstance(layer, nn.LeakyReLU):  # a slope of any sign: Lipschitz max(1, |slope|)
+            bound *= max(1.0, abs(float(layer.negative_slope)))
         elif isinstance(layer, _ONE_LIPSCHITZ):
             continue
         else:

@@ -181,3 +181,30 @@ def test_batchnorm_near_a_tie_is_not_verified():
             res = robeval.certify(net, (np.array([[x0]]), wrong), method=method, eps=[0.0, 1e-9], check=False,
                                   domain=(0.0, 2000.0))
             assert not np.any(res.verdicts == "verified"), (method, i)
+
+
+@pytest.mark.parametrize("method", ["crown", "crown-pure", "crown-ibp"])
+def test_crown_margin_at_eps_zero_is_below_the_exact_batchnorm_margin(method):
+    """Batch norm first (CROWN's concretised entry op) and after a ReLU (a back-substitution step)."""
+    from robeval.certifiers.crown import crown_margin_bounds
+
+    rng = np.random.default_rng(5)
+    c = 64
+    stats = [{"gamma": rng.normal(size=c).astype(np.float32), "beta": rng.normal(size=c).astype(np.float32),
+              "mean": (rng.normal(size=c) * 50).astype(np.float32),
+              "var": rng.uniform(0.01, 3.0, c).astype(np.float32)} for _ in range(2)]
+    eps = float(np.float32(1e-3))
+    w = np.zeros((2, c), np.float32)
+    w[0, 0], w[1, 0] = 1.0, -1.0  # margin = 2 * bn2[0]
+    net = Network([Node("bn1", "batchnorm", ("input",), stats[0], {"eps": eps}), Node("r", "relu", ("bn1",)),
+                   Node("bn2", "batchnorm", ("r",), stats[1], {"eps": eps}),
+                   Node("out", "dense", ("bn2",), {"weight": w})], (c,)).astype(np.float64)
+    x = (rng.normal(size=(1, c)) * 50).astype(np.float32).astype(np.float64)
+    h = np.maximum(_exact_batchnorm(x[0], *(stats[0][k] for k in ("gamma", "beta", "mean", "var")), eps), 0)
+    with mpmath.workdps(50):
+        g, b, m, v = (float(stats[1][k][0]) for k in ("gamma", "beta", "mean", "var"))
+        exact = 2 * (mpmath.mpf(g) * (mpmath.mpf(h[0]) - m) / mpmath.sqrt(mpmath.mpf(v) + eps) + b)
+    # h itself was rounded to float64 by _exact_batchnorm: bound that by the relu input's slope times an ulp
+    slack = 4 * abs(float(g) / np.sqrt(v + eps)) * np.spacing(abs(h[0]) + 1)
+    lower = crown_margin_bounds(net, x, np.array([0]), 0.0, method=method)
+    assert float(lower[0, 1]) <= float(exact) + slack

@@ -28,7 +28,9 @@ change, using m = max(|lo|, |hi|) >= |z| from the node bounds:
 
 - affine z = L(z_in) + b: lam_in = fl(L^T lam) is a sum of n products per entry (n below
   ``transpose_terms``), off by at most gamma_{n+1} |lam| |L| (Higham 2002, 3.5), so
-  e += gamma_{n+1} |lam| . (|L| m_in); the bias dot product adds gamma_{n+1} |lam| . |b|;
+  e += gamma_{n+1} |lam| . (|L| m_in); the bias dot product adds gamma_{n+1} |lam| . |b|; an op
+  whose coefficients are folded from its constants (batch norm, x / c) adds |lam| . its
+  ``param_error`` (the folded coefficients' distance from the exact ones, times m_in);
 - relaxation: the lines are first widened by their own rounding (``crown_relax.line_slack``);
   the new coefficients are single products (error u |lam| |slope|) and the constant a dot product;
 - sums of coefficients at fan-out nodes, and of constants, add u per addition;
@@ -101,6 +103,13 @@ def transpose_terms(node, op, shapes) -> int:
         ratios = [out // max(1, math.prod(s)) for s in node.attrs["in_shapes"]]
         return 0 if max(ratios) == 1 else max(ratios)
     return out + 1  # any entry of L^T lam sums at most every output entry
+
+
+def param_error(xp, node, op, m_ins):
+    """|exact - computed| of an affine op whose constants are folded with rounding (batch norm, x / c),
+    for inputs bounded by ``m_ins`` in magnitude; None for ops whose stored constants are used as they are."""
+    rule = getattr(op, "param_error", None)
+    return None if rule is None else rule(xp, node, *m_ins)
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -306,6 +315,9 @@ class _Batch:
             if bias is not None:
                 wb = gamma(bias.size + 1, self.dtype) * xp.abs(bias)
                 weight = wb if weight is None else weight + wb
+            folded = param_error(xp, node, op, [self.m(i) for i in node.inputs])
+            if folded is not None:
+                weight = folded if weight is None else weight + folded
             self._weights[node.name] = weight
         return self._weights[node.name]
 
@@ -358,10 +370,13 @@ class _Batch:
             centre, reach = (a.reshape((self.n,) + self.shapes[self.net.input_name]) for a in (self.centre, self.reach))
             for link in reversed(self.chain):
                 centre, reach = (get_op(link.op).forward(xp, link, a) for a in (centre, reach))
+            folded = param_error(xp, node, op, [xp.abs(centre) + reach])
             centre = op.linear(xp, node, centre)
             n = max(transpose_terms(node, op, self.shapes), math.prod(self.shapes[node.name]),
                     op.fan_in(node), self.centre.shape[1])
             weight = gamma(n + 2, self.dtype) * (xp.abs(centre) + op.abs_linear(xp, node, reach))
+            if folded is not None:
+                weight = weight + folded
             bias = self.bias(node, op)
             if bias is not None:
                 weight = weight + gamma(bias.size + 1, self.dtype) * xp.abs(bias)

@@ -22,6 +22,9 @@ def as_arrays(data: Any, limit: int | None = None) -> tuple[numpy.ndarray, numpy
     else:
         raise InvalidParameterError(f"data of type {type(data).__name__} is not understood; pass a robeval "
                                     "Dataset, an (x, y) pair of arrays, or robeval.data.load_dataset('mnist')")
+    from .data.arrays import check_samples
+
+    check_samples(len(x) if numpy.ndim(x) else 0, len(y) if numpy.ndim(y) else 0, "the data")
     if limit is not None:
         if not isinstance(limit, int) or limit < 1:
             raise InvalidParameterError(f"limit={limit!r}; expected a positive integer")

@@ -352,9 +352,21 @@ def test_corrupt_file(tmp_path):
     assert str(path) in str(info.value)
 
 
-def test_old_opset_is_refused_with_the_fix():
+def test_old_opset_is_converted_on_load():
     model = make_model([node("Relu", ["x"])], (4,), opset=11)
-    with pytest.raises(ModelLoadError, match=r"opset 11.*version_converter"):
+    net = load_onnx(model)
+    assert net.meta["opset_converted_from"] == 11 and [n.op for n in net.nodes] == ["relu"]
+
+
+def test_opset_the_converter_cannot_upgrade_is_refused_with_its_reason():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    with pytest.raises(ModelLoadError, match=r"opset 9 and onnx.version_converter cannot upgrade it.*NoSuchOp"):
         load_onnx(model)
 
 

@@ -34,9 +34,11 @@ class NetworkModel:
     channels_last = False
 
     def __init__(self, network: Network):
-        self.network = network
+        from .classifier import classifier_network
+
+        self.network, self.num_classes, self.binary = classifier_network(network, "the network")
+        network = self.network
         self.input_shape = network.input_shape
-        self.num_classes = int(network.shapes()[network.output_name][-1])
         self.outputs_probabilities = network.nodes[-1].op == "softmax" if network.nodes else False
 
     def predict(self, x):

@@ -30,6 +30,7 @@ import tensorflow as tf
 from ..errors import InputShapeError, InvalidParameterError, ModelLoadError, RobevalError, UnsupportedOpError
 from ..ir.graph import Network, Node
 from . import layout
+from .classifier import class_count, with_binary_head
 from .gradients import LOSSES
 
 FRAMEWORK = "Keras"
@@ -71,10 +72,18 @@ class KerasModel:
             raise InputShapeError(f"input_shape={tuple(input_shape)} but the model takes {keras_shape} per "
                                   f"sample, which is {self.input_shape} in NCHW; pass input_shape="
                                   f"{self.input_shape} or omit it")
-        self.num_classes = int(model.outputs[0].shape[-1])
+        self.source = source or type(model).__name__
+        self.num_classes = class_count(tuple(model.outputs[0].shape[1:]), self.source)
+        self.binary = self.num_classes == 1  # a single logit z: presented as the scores [0, z]
+        if self.binary:
+            last = _last_layer(model)
+            if _activation_name(getattr(last, "activation", None)) == "sigmoid":
+                raise ModelLoadError(f"{self.source} has one output with a sigmoid activation ('{last.name}'); "
+                                     "robeval needs the logit of a binary classifier: use activation=None on the "
+                                     "last layer (class 1 when the logit > 0)")
+            self.num_classes = 2
         self.outputs_probabilities = _ends_in_softmax(model)
         self.batch_size = int(batch_size)
-        self.source = source or type(model).__name__
         self.dtype = numpy.dtype(model.inputs[0].dtype)
         self._network: Network | None = None
 
@@ -119,12 +128,16 @@ class KerasModel:
     # fuses Conv2D+BiasAdd+Add+LeakyReLU into a oneDNN kernel that ignores the slope (uses 0.2),
     # so graph-mode outputs are not the model's function. Eager mode runs each layer as written.
     def _forward(self, x):
-        return self.model(x, training=False)
+        out = self.model(x, training=False)
+        if self.binary:
+            out = tf.reshape(out, (-1, 1))
+            return tf.concat([tf.zeros_like(out), out], axis=1)
+        return out
 
     def _logits_and_gradient(self, x, y, loss: str):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            out = self.model(x, training=False)
+            out = self._forward(x)
             logits = tf.math.log(tf.maximum(out, 1e-30)) if self.outputs_probabilities else out
             total = tf.reduce_sum(tf_loss(logits, y, loss))
         return logits, tape.gradient(total, x)
@@ -171,7 +184,8 @@ class KerasModel:
                 raise UnsupportedOpError(cv.problems, FRAMEWORK)
             net = Network(cv.nodes, self.input_shape, output_name=out.name,
                           meta={"framework": FRAMEWORK, "source": self.source, "channels_last": self.channels_last})
-            self._network = layout.fold_flatten(net)
+            net = layout.fold_flatten(net)
+            self._network = with_binary_head(net, self.source) if self.binary else net
         return self._network
 
 

@@ -1,5 +1,5 @@
-"""ONNX models: ``load_onnx`` converts a model (opset 13+) into a robeval Network, and ``OnnxModel``
-wraps it as an adapter that predicts with onnxruntime when installed.
+"""ONNX models: ``load_onnx`` converts a model (opset 13+; older opsets are upgraded on load) into a
+robeval Network, and ``OnnxModel`` wraps it as an adapter that predicts with onnxruntime when installed.
 
 The import walks the graph once in its (topological) order. A node whose inputs are all constants,
 or a Shape/Size of an input-dependent tensor, is folded (see onnx_fold); any other node goes through
@@ -13,7 +13,6 @@ max/min/pool ops are fused into ``groupsort`` nodes.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -23,6 +22,7 @@ from ..backend import Array, asnumpy
 from ..errors import InputShapeError, InvalidParameterError, ModelLoadError, UnsupportedOpError
 from ..ir import Network, Node, get_op
 from . import onnx_fold as fold
+from .classifier import binary_scores, classifier_network
 from .fidelity import check_fidelity
 from .gradients import LOSSES, loss_and_cotangent
 from .layout import to_nhwc
@@ -81,10 +81,30 @@ def read_model(model: Any):
                              "re-export it or check that the file is complete")
     opset = default_opset(proto)
     if opset < MIN_OPSET:
-        raise ModelLoadError(f"{source} uses ONNX opset {opset}; robeval imports opset {MIN_OPSET} and newer. "
-                             f"Convert it: onnx.save(onnx.version_converter.convert_version(onnx.load(path), "
-                             f"{MIN_OPSET}), path)")
+        proto = convert_opset(proto, opset, source)
     return proto, source
+
+
+#: metadata key recording the opset a model had before ``convert_opset`` upgraded it.
+CONVERTED_FROM = "robeval.converted_from_opset"
+
+
+def convert_opset(proto, opset: int, source: str):
+    """The model upgraded to MIN_OPSET with onnx.version_converter (older exporters, VNN-COMP and ERAN
+    nets use opset 9); a model the converter cannot upgrade is refused with its reason."""
+    import onnx
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(proto, MIN_OPSET)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{source} uses ONNX opset {opset} and onnx.version_converter cannot upgrade it to "
+                             f"opset {MIN_OPSET} ({first}); re-export the model with opset {MIN_OPSET} or newer"
+                             ) from exc
+    entry = onnx.StringStringEntryProto(key=CONVERTED_FROM, value=str(opset))
+    converted.metadata_props.append(entry)
+    return converted
 
 
 def default_opset(proto) -> int:
@@ -205,7 +225,9 @@ class _Importer:
         nodes, output = fold.remove_identities(nodes, name, self.dyn[out])
         nodes = fold.merge_bias(nodes, output)
         nodes, notes = fold.fuse_maxmin(nodes, name, output, self.shapes)
+        converted = {p.key: p.value for p in self.proto.metadata_props}.get(CONVERTED_FROM)
         meta = {"source": "onnx", "file": self.source, "opset": self.opset, "channels_last": nhwc,
+                "opset_converted_from": int(converted) if converted else None,
                 "producer": f"{self.proto.producer_name} {self.proto.producer_version}".strip(),
                 "onnx_input": name, "onnx_output": out}
         if notes:
@@ -334,7 +356,9 @@ class OnnxModel:
                  channels_last: bool | None = None):
         self._proto, self.source = read_model(model)
         self.path = None if self.source.startswith("the given") else os.fspath(model)
-        self.network = _Importer(self._proto, self.source, input_shape).run(channels_last)
+        network = _Importer(self._proto, self.source, input_shape).run(channels_last)
+        #: a single-logit binary model is presented as the scores [0, z] (see ``classifier``)
+        self.network, self._num_classes, self.binary = classifier_network(network, self.source)
         #: whether the ONNX model takes NHWC images (predict then transposes the NCHW inputs it gets)
         self.channels_last = bool(self.network.meta["channels_last"])
         self.batch_size = int(batch_size)
@@ -347,7 +371,7 @@ class OnnxModel:
 
     @property
     def num_classes(self) -> int:
-        return int(math.prod(self.network.shapes()[self.network.output_name]))
+        return self._num_classes
 
     @property
     def outputs_probabilities(self) -> bool:
@@ -396,7 +420,10 @@ class OnnxModel:
             if fixed and n < fixed:  # a model exported with a fixed batch size: pad the last chunk
                 chunk = numpy.concatenate([chunk, numpy.zeros((fixed - n,) + chunk.shape[1:], chunk.dtype)])
             outs.append(session.run(None, {meta.name: chunk})[0][:n])
-        return numpy.concatenate(outs) if outs else numpy.zeros((0,) + self.network.shapes()[self.network.output_name])
+        if not outs:
+            return numpy.zeros((0,) + self.network.shapes()[self.network.output_name])
+        out = numpy.concatenate(outs)
+        return binary_scores(out.reshape(len(out), 1)) if self.binary else out
 
     def check_fidelity(self, x: Array, atol: float = 1e-5) -> float:
         """Largest |onnxruntime - network| over the outputs for x; raises FidelityError above atol."""

@@ -38,8 +38,9 @@ import numpy
 import torch
 from torch import nn
 
-from ..errors import InputShapeError, InvalidParameterError, ModelLoadError, UnsupportedOpError
+from ..errors import InvalidParameterError, ModelLoadError, UnsupportedOpError
 from ..ir.graph import Network
+from .classifier import binary_scores, class_count, with_binary_head
 from .gradients import LOSSES
 from .layout import check_batch
 from .torch_aten import ATEN as ATEN
@@ -118,12 +119,18 @@ class TorchModel:
         self.source = source or type(model).__name__
         self.dtype = _model_dtype(self.model)
         self._network: Network | None = None
+        self.binary = False
         probe = self.predict(numpy.random.default_rng(0).random((2,) + self.input_shape))
-        if probe.ndim != 2:
-            raise InputShapeError(f"the model returns shape {probe.shape[1:]} per sample; a classifier "
-                                  "must return one vector of logits per sample")
-        self.num_classes = int(probe.shape[1])
-        self.outputs_probabilities = bool((probe >= 0).all() and numpy.allclose(probe.sum(axis=1), 1, atol=1e-4))
+        self.num_classes = class_count(probe.shape[1:], self.source)
+        if self.num_classes == 1:  # a binary classifier's single logit z: presented as the scores [0, z]
+            if self.kind == "module" and isinstance(list(self.model.modules())[-1], nn.Sigmoid):
+                raise ModelLoadError(f"{self.source} has one output that ends in a Sigmoid; robeval needs the "
+                                     "logit of a binary classifier: drop the final nn.Sigmoid (class 1 when the "
+                                     "logit > 0)")
+            self.binary, self.num_classes = True, 2
+            probe = binary_scores(probe)
+        self.outputs_probabilities = not self.binary and bool((probe >= 0).all()
+                                                              and numpy.allclose(probe.sum(axis=1), 1, atol=1e-4))
 
     @classmethod
     def from_file(cls, path: str | Path, fmt: str | None = None, input_shape: tuple[int, ...] | None = None,
@@ -154,6 +161,9 @@ class TorchModel:
         out = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(out, torch.Tensor):
             raise ModelLoadError(f"the model returned a {type(out).__name__}; expected a tensor of logits")
+        if self.binary:
+            out = out.reshape(len(out), 1)
+            return torch.cat([torch.zeros_like(out), out], dim=1)
         return out
 
     def _mode(self):
@@ -217,7 +227,8 @@ class TorchModel:
             else:
                 out = convert_program(b, self.program)
             _raise_if(b.problems)
-            self._network = b.network(out, self.input_shape, {"framework": FRAMEWORK, "source": self.source})
+            net = b.network(out, self.input_shape, {"framework": FRAMEWORK, "source": self.source})
+            self._network = with_binary_head(net, self.source) if self.binary else net
         return self._network
 
     def _example(self) -> torch.Tensor:

@@ -29,7 +29,8 @@ def model_facts(adapter) -> dict:
         support.setdefault("lipschitz", {})["reason"] = str(exc)
     return {
         "input_shape": list(net.input_shape), "channels_last": bool(getattr(adapter, "channels_last", False)),
-        "num_classes": int(getattr(adapter, "num_classes", 0)),
+        "num_classes": int(getattr(adapter, "num_classes", 0)), "binary": bool(getattr(adapter, "binary", False)),
+        "opset_converted_from": net.meta.get("opset_converted_from"), "opset": net.meta.get("opset"),
         "outputs_probabilities": bool(getattr(adapter, "outputs_probabilities", False)),
         "parameters": net.param_count(), "layers": net.summary(), "certifiers": support,
         "lipschitz_bound_l2": lipschitz, "stripped": net.strip_output_squashers()[1],
@@ -56,6 +57,12 @@ def info(model, check, atol, class_path, trust_pickle, input_shape, json_path, d
                + ("; the native model is channels-last" if facts["channels_last"] else ""))
     click.echo(f"classes: {facts['num_classes']}" + ("  (outputs probabilities: softmax is stripped for margins)"
                                                        if facts["outputs_probabilities"] else ""))
+    if facts["binary"]:
+        click.echo("binary classifier: one output logit z, class 1 when z > 0 (scored as [0, z]: margin +-z, "
+                   "Lipschitz radius |z| / L)")
+    if facts["opset_converted_from"] is not None:
+        click.echo(f"ONNX opset {facts['opset_converted_from']} converted to opset {facts['opset']} on load "
+                   "(onnx.version_converter)")
     click.echo(f"parameters: {facts['parameters']:,}")
     click.echo("")
     click.echo(f"  {'#':>3}  {'name':<28} {'op':<15} {'output shape':<18} {'params':>10}")

@@ -127,6 +127,16 @@ def _scale(x: np.ndarray, source: str, value_range: tuple[float, float], max_val
     )
 
 
+def check_samples(n_x: int, n_y: int, source: str) -> None:
+    """The one data check every command and API entry point passes through: at least one sample,
+    and exactly one label per input (checked on the whole file, before any --limit is applied)."""
+    if n_x != n_y:
+        raise InputShapeError(f"{source} has {n_x} inputs but {n_y} labels; expected one label per input: "
+                              "fix the file so that x and y have the same length")
+    if n_x == 0:
+        raise InputShapeError(f"{source} holds no samples (0 inputs); pass a data set with at least one sample")
+
+
 def to_labels(y: Any, n: int, source: str) -> np.ndarray:
     """Check class labels and return them as a 1-D int64 array of length ``n``."""
     y = np.asarray(y)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataNotFoundError, DataRangeError, InputShapeError, InvalidParameterError, RobevalError
-from .arrays import check_layout, check_value_range, check_values, to_images, to_labels
+from .arrays import check_layout, check_samples, check_value_range, check_values, to_images, to_labels
 from .mnist import load_mnist
 
 DATASETS = ("mnist", "digits")
@@ -65,6 +65,7 @@ class Dataset:
                 f"Dataset {self.name!r}: x has dtype {x.dtype}; expected float32 in {value_range}; "
                 f"for uint8 pixels use x.astype(np.float32) / 255"
             )
+        check_samples(len(x), len(self.y) if np.ndim(self.y) else 0, f"Dataset {self.name!r}")
         check_values(x, value_range, f"Dataset {self.name!r}: x")
         object.__setattr__(self, "x", x.astype(np.float32, copy=False))
         object.__setattr__(self, "y", to_labels(self.y, len(x), f"Dataset {self.name!r}: y"))
@@ -191,11 +192,13 @@ def _load_npz(file: Path, split: str, stop: int | None, layout: str | None, valu
     try:
         with np.load(file, allow_pickle=False) as f:
             keys = _pick_keys(f.files, file, split)
-            x, y = f[keys[0]][:stop], f[keys[1]][:stop]
+            x, y = f[keys[0]], f[keys[1]]
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
         raise RobevalError(
             f"{file} is not a readable .npz file ({e}); save your arrays with np.savez(path, x=x, y=y)"
         ) from e
+    check_samples(len(x) if x.ndim else 0, len(y) if y.ndim else 0, f"{file} ({keys[0]}, {keys[1]})")
+    x, y = x[:stop], y[:stop]
     images = to_images(x, f"{keys[0]} in {file}", value_range, layout=layout)
     labels = to_labels(y, len(images), f"{keys[1]} in {file}")
     name = file.stem + (f":{split}" if keys[0] != "x" else "")

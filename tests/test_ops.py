@@ -821,3 +821,61 @@ def test_float32_interval_covers_accumulated_rounding(op):
     lo, hi = net.interval(x, x)
     assert float(net.forward(x).ravel()[0]) != exact  # the float32 product does round here
     assert float(lo.ravel()[0]) <= exact <= float(hi.ravel()[0])
+
+
+# ----------------------------------------------------------------------------- 7: parameters of any sign and scale
+
+#: Parameters that must stay positive for the op to be defined (a variance).
+POSITIVE_PARAMS = {"var"}
+#: Scalar attributes that are free parameters of the op, and extreme values of both signs for them.
+FREE_ATTRS = {"alpha": (-1e3, -1.0, -1e-3, 0.0, 1e-3, 1.0, 1e3)}
+
+
+def _rescaled(net: Network, rng, scale: float) -> Network:
+    """The network with every weight multiplied by +-scale (random sign per entry; variances kept
+    positive) and free scalar attributes set to an extreme value of either sign."""
+    nodes = []
+    for n in net.nodes:
+        params = {}
+        for k, v in n.params.items():
+            v = np.asarray(v, dtype=np.float64)
+            signs = rng.choice([-1.0, 1.0], size=v.shape)
+            params[k] = np.abs(v) * scale + 1e-3 if k in POSITIVE_PARAMS else v * signs * scale
+        attrs = {k: (float(rng.choice(FREE_ATTRS[k])) if k in FREE_ATTRS else a) for k, a in n.attrs.items()
+                 if k not in ("in_shape", "in_shapes")}
+        nodes.append(Node(n.name, n.op, n.inputs, params, attrs))
+    return Network(nodes, net.input_shape)
+
+
+@_params([c.id for c in CASES if any(n.params or set(n.attrs) & set(FREE_ATTRS)
+                                     for n in c.network().nodes)])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_interval_is_sound_for_parameters_of_any_sign_and_scale(case, scale):
+    """Property test per op: no rule may assume a parameter's sign, a monotone shape or float32 constants."""
+    base = case.network()
+    if base.unsupported("interval"):
+        pytest.skip(f"{case.op} has no interval rule (declared in MISSING_RULES)")
+    rng = case.rng(f"signs-{scale}")
+    for trial in range(4):
+        net = _rescaled(base, rng, scale)
+        lo, hi = _box(rng, (1,) + case.input_shape)
+        lo_out, hi_out = net.interval(lo, hi)
+        _assert_inside(net.forward(_sample(rng, lo, hi, 500)), lo_out, hi_out, f"{case.id} x{scale} trial {trial}")
+        net32 = net.astype(np.float32)
+        x32 = _inputs(case, rng, 4).astype(np.float32)
+        lo32, hi32 = net32.interval(x32, x32)
+        exact = net32.astype(np.float64).forward(x32.astype(np.float64))
+        _assert_inside(exact, lo32, hi32, f"{case.id} x{scale} float32 trial {trial}")
+        if any(get_op(n.op).supports("relax") and not get_op(n.op).affine for n in net.nodes):
+            node = net.node("op")
+            op = get_op(node.op)
+            if op.supports("relax") and not op.affine and len(node.inputs) == 1:
+                a_l, b_l, a_u, b_u = op.relax(np, node, lo, hi)
+                pts = _sample(rng, lo, hi, 300)
+                f = op.forward(np, node, pts)
+                # CROWN widens every line by line_slack of its scale (crown_relax): the same allowance here
+                from robeval.certifiers.crown_relax import line_slack
+
+                m = np.maximum(np.abs(lo), np.abs(hi))
+                slack = line_slack(np, np.maximum(np.abs(a_l), np.abs(a_u)) * m + np.maximum(np.abs(b_l), np.abs(b_u)))
+                _assert_inside(f, a_l * pts + b_l - slack, a_u * pts + b_u + slack, f"{case.id} relax x{scale}")

@@ -126,7 +126,7 @@ class _PiecewiseLinear(ElementwiseOp):
     box that straddles 0, so the interval rule takes the extremes over lo, hi and the kink (0).
     The op is convex for a <= 1 and concave for a > 1; the relaxation picks its lines per entry."""
 
-    ulps = 1.0  # a * x rounds once
+    ulps = 2.0  # a * x rounds, and so may the slope a itself (see interval)
 
     def slope(self, xp, node):
         raise NotImplementedError
@@ -143,8 +143,10 @@ class _PiecewiseLinear(ElementwiseOp):
         straddle = (lo < 0) & (hi > 0)
         low = xp.where(straddle, xp.minimum(xp.minimum(f_lo, f_hi), 0.0), xp.minimum(f_lo, f_hi))
         high = xp.where(straddle, xp.maximum(xp.maximum(f_lo, f_hi), 0.0), xp.maximum(f_lo, f_hi))
+        # two units of roundoff: the product a * x rounds, and so may a itself (a Python float slope
+        # is rounded to float32 when the bounds are float32)
         eps = float(xp.finfo(lo.dtype).eps)
-        return widen(xp, low, high, eps)
+        return widen(xp, low, high, 2 * eps)
 
     def relax(self, xp, node, lo, hi):
         """Unstable entries: the chord on the side where the op is convex (a <= 1: above; a > 1:

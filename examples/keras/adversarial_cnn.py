@@ -62,7 +62,7 @@ def main() -> None:
     from robeval.training.keras import AdversarialRegularization, make_adv_reg_config
 
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick)
     epochs = 1 if args.quick else args.epochs
     config = make_adv_reg_config(multiplier=args.multiplier, adv_step_size=args.step, adv_grad_norm="infinity")
     fit = dict(batch_size=args.batch_size, epochs=epochs, shuffle=True, verbose=2)

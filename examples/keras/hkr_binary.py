@@ -64,8 +64,8 @@ def main() -> None:
     )
 
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick, n_train=6000)
-    (xtr, ytr), (xte, yte) = binary(xtr, ytr), binary(xte, yte)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick, n_train=6000)
+    (xtr, ytr), (xva, yva), (xte, yte) = binary(xtr, ytr), binary(xva, yva), binary(xte, yte)
     model = keras.Sequential([
         keras.Input((28, 28, 1)), keras.layers.Flatten(),
         SpectralDense(32), GroupSort(2), SpectralDense(16), GroupSort(2), SpectralDense(1, use_bias=False),
@@ -75,7 +75,7 @@ def main() -> None:
     lr = keras.optimizers.schedules.CosineDecay(args.lr, steps, alpha=args.final_lr / args.lr)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=HKRLoss(args.alpha, args.min_margin),
                   metrics=[KREstimate(), HingeMargin(args.min_margin), SignAccuracy()])
-    model.fit(xtr, ytr, validation_data=(xte, yte), batch_size=args.batch_size, epochs=epochs, shuffle=True,
+    model.fit(xtr, ytr, validation_data=(xva, yva), batch_size=args.batch_size, epochs=epochs, shuffle=True,
               verbose=2)
     path = f"{args.out}/hkr_binary.keras"
     model.save(path)

@@ -54,7 +54,7 @@ def main() -> None:
     )
 
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick)
     epochs, warmup, ramp = (2, 0, 1) if args.quick else (args.epochs, args.warmup, args.ramp)
     model = IBPTraining(ibp_init(build(), seed=args.seed), eps=0.0, kappa=1.0)
     model.compile(optimizer=keras.optimizers.Adam(args.lr),
@@ -66,7 +66,7 @@ def main() -> None:
         keras.callbacks.LearningRateScheduler(lambda epoch: args.lr * (0.2 if epoch >= last else 1.0)),
     ]
     model.fit(xtr, ytr, batch_size=256, epochs=epochs, shuffle=True, callbacks=callbacks,
-              validation_data=(xte[:2000], yte[:2000]), verbose=2)
+              validation_data=(xva[:2000], yva[:2000]), verbose=2)
     path = f"{args.out}/ibp_mlp.keras"
     model.base_model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)

@@ -27,7 +27,7 @@ def parse_args(description: str, epochs: int, **extra: tuple[type, object, str])
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=default, help=text)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return args
 
@@ -59,11 +59,28 @@ def load_mnist(split: str, limit: int | None = None) -> tuple[torch.Tensor, torc
         return x, torch.from_numpy(y.astype(np.int64))
 
 
-def mnist(quick: bool, n_train: int = 2000, n_test: int = 1000):
-    """Train and test tensors; small subsets when ``quick``."""
+#: Training images held out as the validation split (the last ones of the training file); the test
+#: set is used once, for the reported numbers, and never for a choice (epochs, schedules, weights).
+VAL_SIZE = 5000
+
+
+def mnist(quick: bool, n_train: int = 2000, n_test: int = 1000, n_val: int | None = None):
+    """(x_train, y_train, x_val, y_val, x_test, y_test): the validation split is the last ``n_val``
+    training images (VAL_SIZE, or a tenth of the subset when ``quick``), never test images."""
     xtr, ytr = load_mnist("train", n_train if quick else None)
     xte, yte = load_mnist("test", n_test if quick else None)
-    return xtr, ytr, xte, yte
+    n_val = n_val or (max(1, len(xtr) // 10) if quick else VAL_SIZE)
+    cut = len(xtr) - n_val
+    return xtr[:cut], ytr[:cut], xtr[cut:], ytr[cut:], xte, yte
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and the framework: weights, shuffling, noise and attacks all follow --seed."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the legacy global generator, for any code that still uses it
+    torch.manual_seed(seed)
 
 
 class Timer:

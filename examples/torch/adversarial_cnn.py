@@ -53,15 +53,15 @@ def main() -> None:
                       pgd_eps=(str, "0.1,0.2", "comma-separated L-inf radii of the PGD evaluation"),
                       pgd_steps=(int, 40, "PGD steps"))
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick)
     epochs = 1 if args.quick else args.epochs
     base, robust = build(), build()
     fit = dict(epochs=epochs, batch_size=args.batch_size, lr=1e-3, progress=not args.quick)
-    Trainer(base, checkpoint=f"{args.out}/adv_base.pt", **fit).fit((xtr, ytr), val=(xte, yte))
+    Trainer(base, seed=args.seed, checkpoint=f"{args.out}/adv_base.pt", **fit).fit((xtr, ytr), val=(xva, yva))
     reg = AdversarialRegularizer(robust, multiplier=args.multiplier, eps=args.step, norm="linf",
                                  method="fgsm", clip=(0.0, 1.0))
-    Trainer(robust, loss=reg, checkpoint=f"{args.out}/adv_regularised.pt",
-            onnx_path=f"{args.out}/adv_regularised.onnx", **fit).fit((xtr, ytr), val=(xte, yte))
+    Trainer(robust, seed=args.seed, loss=reg, checkpoint=f"{args.out}/adv_regularised.pt",
+            onnx_path=f"{args.out}/adv_regularised.onnx", **fit).fit((xtr, ytr), val=(xva, yva))
     x_adv = perturb_against(base, xte, yte, args.step)
     rows = {
         "base: clean accuracy": accuracy(base, xte, yte),

@@ -44,16 +44,16 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], epochs=10,
                       alpha=(float, 10.0, "HKR alpha"), min_margin=(float, 1.0, "HKR min_margin"))
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick, n_train=6000)
-    (xtr, ytr), (xte, yte) = binary(xtr, ytr), binary(xte, yte)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick, n_train=6000)
+    (xtr, ytr), (xva, yva), (xte, yte) = binary(xtr, ytr), binary(xva, yva), binary(xte, yte)
     model = nn.Sequential(
         nn.Flatten(), SpectralLinear(784, 32), GroupSort(2), SpectralLinear(32, 16), GroupSort(2),
         SpectralLinear(16, 1, bias=False),
     )
     epochs = 1 if args.quick else args.epochs
-    Trainer(model, loss=HKRLoss(args.alpha, args.min_margin), epochs=epochs, batch_size=128, lr=1e-3,
+    Trainer(model, seed=args.seed, loss=HKRLoss(args.alpha, args.min_margin), epochs=epochs, batch_size=128, lr=1e-3,
             checkpoint=f"{args.out}/hkr_binary.pt", onnx_path=f"{args.out}/hkr_binary.onnx",
-            progress=not args.quick).fit((xtr, ytr), val=(xte, yte))
+            progress=not args.quick).fit((xtr, ytr), val=(xva, yva))
     plain = export_model(model)
     bound = lipschitz_bound(plain)
     rows: dict[str, float | str] = {"Lipschitz bound of the exported net": f"{bound:.6f}",

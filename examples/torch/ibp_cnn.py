@@ -50,17 +50,17 @@ def main() -> None:
                       lr=(float, 1e-3, "Adam learning rate (divided by 10 for the last 2 epochs)"),
                       onnx=(str, "", "ONNX path (default OUT/ibp_cnn.onnx)"))
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick)
     epochs, warmup, ramp = (2, 0.0, 1.0) if args.quick else (args.epochs, args.warmup, args.ramp)
     model = ibp_init_(build(args.width))
     loss = IBPLoss(EpsilonSchedule(args.train_eps, warmup=warmup, ramp=ramp, shape="smooth"),
                    KappaSchedule(start=1.0, end=args.kappa_end, warmup=warmup, ramp=ramp))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(epochs - 2, 1)], gamma=0.1)
-    trainer = Trainer(model, opt, loss, epochs=epochs, batch_size=args.batch, scheduler=sched,
+    trainer = Trainer(model, opt, loss, seed=args.seed, epochs=epochs, batch_size=args.batch, scheduler=sched,
                       metrics={f"certified@{args.eps}": lambda m, x, y: certified_accuracy(m, x, y, args.eps)},
                       checkpoint=f"{args.out}/ibp_cnn.pt", progress=not args.quick)
-    trainer.fit((xtr, ytr), val=(xte[:1000], yte[:1000]))
+    trainer.fit((xtr, ytr), val=(xva[:1000], yva[:1000]))
     train_seconds = timer()
     model.eval()
     onnx_path = args.onnx or f"{args.out}/ibp_cnn.onnx"

@@ -41,7 +41,7 @@ def main() -> None:
                       lr=(float, 1e-3, "Adam learning rate (divided by 5 for the last 3 epochs)"),
                       bound=(str, "ibp", "margin bound trained on: ibp or crown-ibp"))
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick)
     epochs, warmup, ramp = (2, 0, 1) if args.quick else (args.epochs, args.warmup, args.ramp)
     model = ibp_init_(build())
     loss = IBPLoss(EpsilonSchedule(args.train_eps, warmup=warmup, ramp=ramp),
@@ -49,11 +49,11 @@ def main() -> None:
                    bound=args.bound, beta=KappaSchedule(start=1.0, end=0.0, warmup=warmup, ramp=ramp))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(epochs - 3, 1)], gamma=0.2)
-    trainer = Trainer(model, opt, loss, epochs=epochs, batch_size=256, scheduler=sched,
+    trainer = Trainer(model, opt, loss, seed=args.seed, epochs=epochs, batch_size=256, scheduler=sched,
                       metrics={f"certified@{args.eps}": lambda m, x, y: certified_accuracy(m, x, y, args.eps)},
                       checkpoint=f"{args.out}/ibp_mlp.pt", onnx_path=f"{args.out}/ibp_mlp.onnx",
                       progress=not args.quick)
-    trainer.fit((xtr, ytr), val=(xte[:2000], yte[:2000]))
+    trainer.fit((xtr, ytr), val=(xva[:2000], yva[:2000]))
     model.eval()
     rows = {
         "clean accuracy": accuracy(model, xte, yte),

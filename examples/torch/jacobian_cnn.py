@@ -41,7 +41,7 @@ def salt_noise(x: torch.Tensor, proportion: float, seed: int) -> torch.Tensor:
     return torch.where(pick, noise, x)
 
 
-def train_pair(xtr, ytr, xte, yte, args, seed: int, epochs: int) -> dict[str, nn.Sequential]:
+def train_pair(xtr, ytr, xva, yva, args, seed: int, epochs: int) -> dict[str, nn.Sequential]:
     """The regularised and the reference CNN, both from the same initial weights and batch order."""
     torch.manual_seed(seed)
     start = build()
@@ -58,7 +58,7 @@ def train_pair(xtr, ytr, xte, yte, args, seed: int, epochs: int) -> dict[str, nn
         tag = "jacobian" if loss is not None else "reference"
         trainer = Trainer(net, opt, loss, epochs=epochs, batch_size=32, scheduler=sched, seed=seed,
                           checkpoint=f"{args.out}/{tag}_cnn_seed{seed}.pt", progress=not args.quick)
-        trainer.fit((xtr, ytr), val=(xte, yte))
+        trainer.fit((xtr, ytr), val=(xva, yva))
     return nets
 
 
@@ -69,14 +69,14 @@ def main() -> None:
                       decay_epochs=(int, 3, "last epochs at learning rate 0.001 (0: constant 0.01, as MATLAB)"),
                       seeds=(int, 1, "training runs (seeds seed, seed+1, ...); mean and sd are reported"))
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick, n_train=1000)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick, n_train=1000 + 500, n_val=500 if args.quick else None)
     xtr, ytr = xtr[: args.train_size], ytr[: args.train_size]
     epochs = 1 if args.quick else args.epochs
     levels = np.round(np.arange(0, 0.51, 0.05), 2)
     noisy = [salt_noise(xte, float(p), args.seed) for p in levels]  # the same noisy test sets for every net
     curves = {"Jacobian-regularised": [], "reference": []}
     for seed in range(args.seed, args.seed + args.seeds):
-        for name, net in train_pair(xtr, ytr, xte, yte, args, seed, epochs).items():
+        for name, net in train_pair(xtr, ytr, xva, yva, args, seed, epochs).items():
             curves[name].append([accuracy(net, xn, yte) for xn in noisy])
             print(f"seed {seed} {name:>22s}: " + " ".join(f"{a * 100:.2f}" for a in curves[name][-1]), flush=True)
     curves = {name: np.array(acc) for name, acc in curves.items()}

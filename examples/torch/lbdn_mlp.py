@@ -28,11 +28,11 @@ def plain_mlp() -> nn.Sequential:
     return net
 
 
-def train(model: nn.Module, data, epochs: int, out: str, name: str, progress: bool) -> None:
+def train(model: nn.Module, data, epochs: int, out: str, name: str, progress: bool, seed: int = 0) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(epochs * 3 // 4, 1)], gamma=0.1)
-    Trainer(model, opt, epochs=epochs, batch_size=128, scheduler=sched, checkpoint=f"{out}/{name}.pt",
-            onnx_path=f"{out}/{name}.onnx", progress=progress).fit(data[:2], val=data[2:])
+    Trainer(model, opt, seed=seed, epochs=epochs, batch_size=128, scheduler=sched, checkpoint=f"{out}/{name}.pt",
+            onnx_path=f"{out}/{name}.onnx", progress=progress).fit(data[:2], val=data[2:4])
 
 
 def noisy_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e: float, seed: int) -> float:
@@ -48,9 +48,9 @@ def main() -> None:
     epochs = 1 if args.quick else args.epochs
     lbdn = LBDN(784, (64, 64), 10, gamma=args.gamma)
     dense = plain_mlp()
-    train(lbdn, data, epochs, args.out, "lbdn_mlp", not args.quick)
-    train(dense, data, epochs, args.out, "dense_mlp", not args.quick)
-    xte, yte = data[2], data[3]
+    train(lbdn, data, epochs, args.out, "lbdn_mlp", not args.quick, args.seed)
+    train(dense, data, epochs, args.out, "dense_mlp", not args.quick, args.seed)
+    xte, yte = data[4], data[5]
     levels = np.linspace(0, 200, 10) / 255
     curves = {f"LBDN (gamma={args.gamma:g})": [], "plain MLP": []}
     for e in levels:

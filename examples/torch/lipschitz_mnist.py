@@ -75,7 +75,7 @@ def main() -> None:
                       lr=(float, 1e-3, "Adam learning rate"),
                       onnx=(str, "", "ONNX path (default OUT/lipschitz_mnist.onnx)"))
     timer = Timer()
-    xtr, ytr, xte, yte = mnist(args.quick)
+    xtr, ytr, xva, yva, xte, yte = mnist(args.quick)
     epochs = 1 if args.quick else args.epochs
     model = build(args.width, args.bjorck)
     criterion = HKRLoss(args.alpha, args.min_margin) if args.loss == "hkr" else TauCrossEntropyLoss(args.tau)
@@ -85,10 +85,10 @@ def main() -> None:
     def cert(r):
         return lambda m, x, y: float((certified_radii(export_model(m), x, y) > r).mean())
 
-    trainer = Trainer(model, opt, criterion, epochs=epochs, batch_size=args.batch, scheduler=sched,
+    trainer = Trainer(model, opt, criterion, seed=args.seed, epochs=epochs, batch_size=args.batch, scheduler=sched,
                       metrics={"certified@0.5": cert(0.5), "certified@1.58": cert(1.58)},
                       checkpoint=f"{args.out}/lipschitz_mnist.pt", progress=not args.quick)
-    trainer.fit((xtr, ytr), val=(xte[:2000], yte[:2000]))
+    trainer.fit((xtr, ytr), val=(xva[:2000], yva[:2000]))
     train_seconds = timer()
     plain = export_model(model)
     onnx_path = args.onnx or f"{args.out}/lipschitz_mnist.onnx"

@@ -35,11 +35,18 @@ def as_arrays(data: Any, limit: int | None = None) -> tuple[numpy.ndarray, numpy
 def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[float] = 0.1, norm: str = "linf",
             device: str = "cpu", batch_size: int | None = None, domain=(0.0, 1.0), limit: int | None = None,
             progress: bool = False, check: bool = True, input_shape: tuple[int, ...] | None = None,
+            executor: Any = None, workers: int | None = None, shard_size: int | None = None, shards: Any = None,
+            resume: bool = False, ray_address: str | None = None, gpus_per_worker: float | None = None,
             **options) -> CertificationResult:
     """Certify ``model`` (any adapter input: path, torch/keras model, ONNX, Network) on ``data``.
 
     Before certifying, the converted network's outputs are compared with the native model's on the
     first samples (``check=False`` skips this); a disagreement raises FidelityError.
+
+    Sharding (see ``robeval.executors``): ``executor`` 'local', 'process', 'ray' or an Executor
+    runs the samples in shards of ``shard_size`` (default 1000) on ``workers``; ``shards`` is a
+    folder that keeps every finished shard, ``resume=True`` continues the run kept there. The merged
+    result equals the local run's exactly. None of these given: one pass in this process.
 
     >>> # result = robeval.certify("model.onnx", robeval.data.load_dataset("mnist"), eps=[0.01, 0.1])
     >>> # result.certified_accuracy
@@ -54,9 +61,21 @@ def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[fl
     x = _to_model_layout(adapter, x)
     if check:  # refuse to certify a converted network that does not compute what the model computes
         check_fidelity(adapter, x[:FIDELITY_SAMPLES], network=net)
+    sharding = _sharding("certify", net, x, y, executor, workers, shard_size, shards, resume, ray_address,
+                         gpus_per_worker, progress, method=method, eps=list(eps) if not numpy.isscalar(eps) else [eps],
+                         norm=norm, device=device, batch_size=batch_size, domain=domain, options=options)
     certifier = get_certifier(method, norm=norm, device=device, batch_size=batch_size, domain=domain,
-                              progress=progress, **options)
+                              progress=progress, sharding=sharding, **options)
     return certifier.certify(net, x, numpy.asarray(y), eps)
+
+
+def _sharding(command, net, x, y, executor, workers, shard_size, shards, resume, address, gpus, progress,
+              **settings):
+    """The Sharding of a run (None when no sharding option is given), its folder tied to this run."""
+    from .executors import make_sharding, run_identity
+
+    identity = run_identity(command, net, x, y, shard_size=shard_size, **settings) if shards is not None else None
+    return make_sharding(executor, workers, shard_size, shards, resume, identity, address, gpus, progress=progress)
 
 
 def _to_model_layout(adapter: Any, x):

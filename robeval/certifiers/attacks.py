@@ -256,6 +256,8 @@ class Attack(abc.ABC):
         self.seed = check_int("seed", seed, 0)
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, 1)
         self.progress = progress
+        #: a ``robeval.executors.base.Sharding``: attack shard by shard on its executor (None: in one pass)
+        self.sharding = None
 
     @abc.abstractmethod
     def perturb(self, oracle: Oracle, x, y, eps: float, rng: numpy.random.Generator, targets=None):
@@ -271,7 +273,7 @@ class Attack(abc.ABC):
         return project(xp, xa + size * direction(xp, grad, self.norm), x0, eps, self.norm, self.domain)
 
     @final
-    def __call__(self, model: Any, x: Any, y: Any, eps: float, targets: Any = None) -> AttackResult:
+    def __call__(self, model: Any, x: Any, y: Any, eps: float, targets: Any = None, offset: int = 0) -> AttackResult:
         """Attack every sample of (x, y) at radius ``eps``; success is decided here, by ``model.predict``.
 
         Args:
@@ -279,12 +281,20 @@ class Attack(abc.ABC):
             x: (N, *model.input_shape) inputs in the domain; y: (N,) labels.
             eps: the radius in ``self.norm``.
             targets: None (untargeted), (N,) target classes, "random" or "least_likely".
+            offset: index of x[0] in the whole data set (a shard's start): batch b is seeded with
+                (seed, offset + b's start), so a sharded run draws what the unsharded one draws.
         """
         values = check_eps(eps)
         if len(values) != 1:
             raise InvalidParameterError(f"eps={eps!r}; an attack call takes one radius (attack() runs several)")
         eps = values[0]
         x, y = check_inputs(model, x, y, self.domain)
+        if self.sharding is not None:
+            from ..executors.jobs import attack_sharded
+
+            if isinstance(targets, str) and targets == "random":  # drawn over the whole set, as unsharded
+                targets = resolve_targets(targets, y, None, int(model.num_classes), self.seed)
+            return attack_sharded(self, model, x, y, eps, targets, self.sharding)
         xp = get_xp(x)
         oracle = Oracle(model)
         t0 = time.perf_counter()
@@ -303,14 +313,14 @@ class Attack(abc.ABC):
             idx = numpy.flatnonzero(pending[s:s + batch]) + s
             if idx.size == 0 or eps == 0:
                 continue
-            rng = numpy.random.default_rng([self.seed, s])
+            rng = numpy.random.default_rng([self.seed, offset + s])
             tb = None if targets is None else targets[idx]
             xa, cl = self.perturb(oracle, x[idx], xp.asarray(y[idx]), eps, rng, None if tb is None else xp.asarray(tb))
             proposals[idx] = xp.asarray(xa, dtype=x.dtype)
             claimed[idx] = numpy.asarray(asnumpy(cl), dtype=bool)
-        return self._recheck(model, oracle, x, y, eps, proposals, claimed, clean, pending, targets, batch, t0)
+        return self._recheck(model, oracle, x, y, eps, proposals, claimed, clean, pending, targets, batch, t0, offset)
 
-    def _recheck(self, model, oracle, x, y, eps, proposals, claimed, clean, pending, targets, batch, t0):
+    def _recheck(self, model, oracle, x, y, eps, proposals, claimed, clean, pending, targets, batch, t0, offset=0):
         """Re-project every proposal, keep clean inputs where nothing was attempted, and decide
         success with model.predict; the attack's own claims only feed a note."""
         xp = get_xp(x)
@@ -322,8 +332,8 @@ class Attack(abc.ABC):
         notes = []
         refuted = numpy.flatnonzero(claimed & ~success)
         if refuted.size:
-            notes.append(f"{self.name} claimed {refuted.size} success(es) that the re-check refuted "
-                         f"(samples {refuted[:10].tolist()}{' ...' if refuted.size > 10 else ''}); counted as robust")
+            notes.append(f"{self.name} claimed {refuted.size} success(es) that the re-check refuted (samples "
+                         f"{(refuted[:10] + offset).tolist()}{' ...' if refuted.size > 10 else ''}); counted as robust")
         if oracle.nonfinite_rows:
             notes.append(f"{oracle.nonfinite_rows} gradient row(s) had NaN/inf values (zeroed)")
         params = dict(self.params(), gradient_calls=oracle.calls, gradient_rows=oracle.rows,

@@ -102,7 +102,7 @@ class Certifier:
     norms: tuple[str, ...] = NORMS
 
     def __init__(self, norm: str = "linf", domain=(0.0, 1.0), device: str = "cpu", batch_size: int | None = None,
-                 dtype: Any = numpy.float64, progress: bool = False):
+                 dtype: Any = numpy.float64, progress: bool = False, sharding: Any = None):
         self.norm = check_norm(norm, self.norms)
         self.domain = check_domain(domain)
         self.device = device
@@ -114,6 +114,17 @@ class Certifier:
         if self.dtype not in (numpy.float32, numpy.float64):
             raise InvalidParameterError(f"dtype={self.dtype}; expected float32 or float64")
         self.progress = progress
+        #: a ``robeval.executors.base.Sharding``: certify shard by shard on its executor (None: in one pass)
+        self.sharding = sharding
+
+    def __getstate__(self):  # the array module is not picklable: workers look it up from the device
+        state = dict(self.__dict__)
+        state.pop("xp", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.xp = xp_for_device(self.device)
 
     @classmethod
     def unsupported_ops(cls, net: Network) -> list[tuple[str, str]]:
@@ -147,6 +158,10 @@ class Certifier:
         check_data(x, y, self.domain, k)
         if self.norm == "l2" and self.name == "ibp":
             notes.append("IBP bounds the L2 ball by its enclosing L-inf box (sound, loose); prefer lipschitz or crown")
+        if self.sharding is not None:  # the same template runs on every shard; merged in sample order
+            from ..executors.jobs import certify_sharded
+
+            return certify_sharded(self, network, x, y, eps_values, notes, self.sharding)
         n = int(x.shape[0])
         batch = self.batch_size or auto_batch_size(self.bytes_per_sample(net), n)
         xp = self.xp

@@ -134,31 +134,48 @@ class NoiseSweep:
             raise InvalidParameterError(f"confidence={confidence!r}; expected a number in (0, 1), e.g. 0.95")
         self.confidence = confidence
         self.progress = progress
+        #: a ``robeval.executors.base.Sharding``: sweep shard by shard on its executor (None: in one pass)
+        self.sharding = None
 
     def __call__(self, model: Any, x: Any, y: Any) -> NoiseResult:
         x, y = check_inputs(model, x, y, self.domain)
-        xp = get_xp(x)
+        if self.sharding is not None:
+            from ..executors.jobs import noise_sharded
+
+            return noise_sharded(self, model, x, y, self.sharding)
         t0 = time.perf_counter()
+        clean, correct = self.counts(model, x, y)
+        return self.finish(y, clean, correct, time.perf_counter() - t0)
+
+    def counts(self, model: Any, x: Any, y: Any, start: int = 0) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """Clean predictions (N,) and correct draws (N, levels) of checked inputs. ``start`` is x[0]'s
+        index in the whole data set: a shard starting at s > 0 draws its noise with key (seed, kind,
+        draw, s), so its noise depends on the shard only, never on how many workers run it."""
+        xp = get_xp(x)
         n = int(x.shape[0])
         batch = min(self.batch_size or DEFAULT_BATCH, max(n, 1))
         clean = predict_classes(model, x, batch)
         correct = numpy.zeros((n, len(self.levels)), dtype=numpy.int64)
         kind_id = KINDS.index(self.kind)
         for d in progress_bar(range(self.draws), total=self.draws, desc=f"noise:{self.kind}", enabled=self.progress):
-            noise = base_noise(numpy.random.default_rng([self.seed, kind_id, d]), tuple(x.shape), self.kind)
+            key = [self.seed, kind_id, d] + ([int(start)] if start else [])
+            noise = base_noise(numpy.random.default_rng(key), tuple(x.shape), self.kind)
             for j, level in enumerate(self.levels):
                 if level == 0:
                     correct[:, j] += clean == y
                     continue
                 noisy = apply_noise(xp, x, noise, self.kind, level, self.domain)
                 correct[:, j] += predict_classes(model, noisy, batch) == y
+        return clean, correct
+
+    def finish(self, y: numpy.ndarray, clean: numpy.ndarray, correct: numpy.ndarray, seconds: float) -> NoiseResult:
+        """The NoiseResult (accuracy and clustered intervals per level) from the counts."""
         fractions = correct / self.draws
         stats = [clustered_interval(fractions[:, j], self.draws, self.confidence) for j in range(len(self.levels))]
         acc, lo, hi, deff = (tuple(float(s[i]) for s in stats) for i in range(4))
         return NoiseResult(kind=self.kind, levels=self.levels, draws=self.draws, seed=self.seed, domain=self.domain,
                            labels=y, clean_predictions=clean, per_image=fractions, accuracy=acc, ci_low=lo,
-                           ci_high=hi, design_effect=deff, confidence=self.confidence,
-                           seconds=time.perf_counter() - t0)
+                           ci_high=hi, design_effect=deff, confidence=self.confidence, seconds=seconds)
 
 
 def predict_classes(model: Any, x: Any, batch: int) -> numpy.ndarray:

@@ -1,0 +1,133 @@
+"""Ray: shards as Ray tasks on a cluster (``address``) or on a Ray started for the run on this machine
+(loopback only, no dashboard). The shared state goes into the object store once (``ray.put``); each
+worker process fetches and unpickles it once and keeps it for every later shard of the run. Ray's own
+retries are off: the driver retries a shard whose task raised or whose worker died, a bounded number
+of times, like every executor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .base import Executor, ExecutorUnavailableError, Session, one_line
+from .process import portable
+
+INSTALL_HINT = "--executor ray needs Ray, which is not installed; pip install 'robeval[ray]' (or pip install ray)"
+
+_CACHE: dict[str, Any] = {}  # per worker process: the object-store id -> the unpickled shared state
+_REMOTE = None
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorUnavailableError(INSTALL_HINT) from None
+    return ray
+
+
+def _task(fn, boxed_ref, payload):
+    """Runs on a Ray worker: the shared state from this worker's cache (fetched on first use)."""
+    import ray
+
+    ref = boxed_ref[0]  # boxed so that Ray does not resolve (and unpickle) it for every task
+    key = ref.hex()
+    if key not in _CACHE:
+        _CACHE.clear()  # one run's state at a time
+        _CACHE[key] = ray.get(ref)
+    return fn(_CACHE[key], payload)
+
+
+def _remote():
+    global _REMOTE
+    if _REMOTE is None:
+        ray = import_ray()
+        _REMOTE = ray.remote(max_retries=0)(_task)
+    return _REMOTE
+
+
+def local_runtime_env() -> dict:
+    """Workers of a Ray started here import this very robeval (the checkout the driver runs)."""
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+
+
+class _RaySession(Session):
+    def __init__(self, executor: RayExecutor, shared: Any):
+        ray = self.ray = import_ray()
+        self.started = False
+        if not ray.is_initialized():
+            try:
+                if executor.address:
+                    ray.init(address=executor.address, logging_level="ERROR", log_to_driver=False)
+                else:
+                    ray.init(num_cpus=executor.capacity, include_dashboard=False, _node_ip_address="127.0.0.1",
+                             runtime_env=local_runtime_env(), logging_level="ERROR", log_to_driver=False)
+            except Exception as exc:
+                where = executor.address or "a local Ray"
+                raise ExecutorUnavailableError(f"could not start or reach {where}: {one_line(exc)}") from None
+            self.started = True
+        portable(shared, "Ray")  # a clear error before anything is shipped
+        self.ref = ray.put(shared)
+        self.options: dict = {"num_cpus": 1}
+        if executor.gpus_per_worker:
+            self.options["num_gpus"] = executor.gpus_per_worker
+        self.running: dict = {}
+
+    def submit(self, fn, shard, payload):
+        ref = _remote().options(**self.options).remote(fn, [self.ref], payload)
+        self.running[ref] = shard
+
+    def wait(self):
+        ray = self.ray
+        ready, _ = ray.wait(list(self.running), num_returns=1)
+        out = []
+        for ref in ready:
+            shard = self.running.pop(ref)
+            try:
+                out.append((shard, True, ray.get(ref)))
+            except ray.exceptions.RayTaskError as exc:  # the shard's own error, raised on the worker
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                out.append((shard, False, one_line(cause)))
+            except ray.exceptions.RayError as exc:  # the worker died, a node was lost, ...
+                out.append((shard, False, f"{type(exc).__name__}: the Ray worker or its node was lost"))
+        return out
+
+    def close(self):
+        for ref in self.running:
+            self.ray.cancel(ref, force=True)
+        self.running.clear()
+        if self.started:
+            self.ray.shutdown()
+
+
+class RayExecutor(Executor):
+    """Shards as Ray tasks. ``address``: an existing cluster (e.g. 'ray://head:10001' or 'auto'), else
+    a Ray started for the run; ``workers``: shards at once (default: the cluster's CPUs);
+    ``gpus_per_worker``: GPUs each task asks for, so CuPy work lands on GPU nodes."""
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, address: str | None = None, gpus_per_worker: float | None = None):
+        super().__init__(workers)
+        if gpus_per_worker is not None and (not isinstance(gpus_per_worker, (int, float)) or gpus_per_worker < 0):
+            from ..errors import InvalidParameterError
+
+            raise InvalidParameterError(f"gpus_per_worker={gpus_per_worker!r}; expected a number >= 0")
+        self.address = address or None
+        self.gpus_per_worker = gpus_per_worker
+        import_ray()  # fail now, with the install hint, not when the first shard is due
+
+    @property
+    def capacity(self) -> int:
+        if self.workers:
+            return self.workers
+        ray = import_ray()
+        if ray.is_initialized():
+            return max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def session(self, shared):
+        return _RaySession(self, shared)

@@ -37,7 +37,7 @@ def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[fl
             progress: bool = False, check: bool = True, input_shape: tuple[int, ...] | None = None,
             executor: Any = None, workers: int | None = None, shard_size: int | None = None, shards: Any = None,
             resume: bool = False, ray_address: str | None = None, gpus_per_worker: float | None = None,
-            **options) -> CertificationResult:
+            sharding: Any = None, **options) -> CertificationResult:
     """Certify ``model`` (any adapter input: path, torch/keras model, ONNX, Network) on ``data``.
 
     Before certifying, the converted network's outputs are compared with the native model's on the
@@ -47,6 +47,7 @@ def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[fl
     runs the samples in shards of ``shard_size`` (default 1000) on ``workers``; ``shards`` is a
     folder that keeps every finished shard, ``resume=True`` continues the run kept there. The merged
     result equals the local run's exactly. None of these given: one pass in this process.
+    ``sharding``: a ready ``robeval.executors.base.Sharding`` instead of those options.
 
     >>> # result = robeval.certify("model.onnx", robeval.data.load_dataset("mnist"), eps=[0.01, 0.1])
     >>> # result.certified_accuracy
@@ -61,9 +62,11 @@ def certify(model: Any, data: Any, method: str = "ibp", eps: float | Sequence[fl
     x = _to_model_layout(adapter, x)
     if check:  # refuse to certify a converted network that does not compute what the model computes
         check_fidelity(adapter, x[:FIDELITY_SAMPLES], network=net)
-    sharding = _sharding("certify", net, x, y, executor, workers, shard_size, shards, resume, ray_address,
-                         gpus_per_worker, progress, method=method, eps=list(eps) if not numpy.isscalar(eps) else [eps],
-                         norm=norm, device=device, batch_size=batch_size, domain=domain, options=options)
+    if sharding is None:
+        sharding = _sharding("certify", net, x, y, executor, workers, shard_size, shards, resume, ray_address,
+                             gpus_per_worker, progress, method=method,
+                             eps=list(eps) if not numpy.isscalar(eps) else [eps], norm=norm, device=device,
+                             batch_size=batch_size, domain=domain, options=options)
     certifier = get_certifier(method, norm=norm, device=device, batch_size=batch_size, domain=domain,
                               progress=progress, sharding=sharding, **options)
     return certifier.certify(net, x, numpy.asarray(y), eps)

@@ -131,6 +131,7 @@ class Evaluator:
     device: str = "cpu"
     batch_size: int | None = None
     progress: bool = False
+    sharding: Any = None  # a robeval.executors.base.Sharding: certificates, attacks and noise in shards
     predictions: numpy.ndarray = field(init=False)
     _network: Any = field(default=None, init=False, repr=False)
 
@@ -176,7 +177,7 @@ class Evaluator:
             warnings.simplefilter("ignore", GradientMaskingWarning)
             return attack(self.adapter, (self.x, self.y), attack=name, eps=list(eps), norm=norm or self.norm,
                           seed=self.seed, domain=self.domain, batch_size=self.batch_size, progress=self.progress,
-                          checks=checks, **budget)
+                          checks=checks, sharding=self.sharding, **budget)
 
     def unsupported(self, method: str, norm: str | None = None) -> str | None:
         """Why ``method`` cannot certify this model (None when it can)."""
@@ -200,13 +201,15 @@ class Evaluator:
         if reason is not None:
             raise CertifierUnavailableError(f"{method} cannot certify this model: {reason}")
         return certify(self.adapter, (self.x, self.y), method=method, eps=list(eps), norm=norm or self.norm,
-                       device=self.device, batch_size=self.batch_size, domain=self.domain, progress=self.progress)
+                       device=self.device, batch_size=self.batch_size, domain=self.domain, progress=self.progress,
+                       sharding=self.sharding)
 
     def noise(self, kind: str, levels: Sequence[float], draws: int):
         from .certifiers.noise import sweep
 
         return sweep(self.adapter, (self.x, self.y), kind=noise_kind(kind), levels=list(levels), draws=draws,
-                     seed=self.seed, domain=self.domain, batch_size=self.batch_size, progress=self.progress)
+                     seed=self.seed, domain=self.domain, batch_size=self.batch_size, progress=self.progress,
+                     sharding=self.sharding)
 
     def lipschitz_bound(self) -> float:
         """Global L2 Lipschitz bound of the logits (softmax stripped)."""
@@ -236,7 +239,9 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
           norm: str = "linf", limit: int | None = None, seed: int = 0, device: str = "cpu",
           batch_size: int | None = None, domain: Any = "data", split: str = "test",
           data_path: Any = None, progress: bool = False, label: str | None = None,
-          data_name: str | None = None) -> Report:
+          data_name: str | None = None, executor: Any = None, workers: int | None = None,
+          shard_size: int | None = None, shards: Any = None, resume: bool = False, ray_address: str | None = None,
+          gpus_per_worker: float | None = None) -> Report:
     """Audit ``model`` on ``data``: clean accuracy, noise sweeps, attacks, certificates, checks.
 
     Args:
@@ -250,6 +255,9 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
         split, data_path: for a data set given by name; progress: progress bars on stderr.
         label: the model's name in the report (default: the path, or the type's name).
         data_name: the data's name in the report (default: the data set's, or "arrays").
+        executor, workers, shard_size, shards, resume, ray_address, gpus_per_worker: run every
+            certificate, attack and noise sweep in shards (see ``robeval.certify``); one shard folder
+            holds every job of the audit, so ``resume=True`` reruns only the missing shards.
     Returns:
         Report, with ``to_json``, ``to_html``, ``to_markdown`` and ``save(dir)``.
 
@@ -267,8 +275,11 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
     x, y, loaded_name, data_domain = load_data(adapter, data, limit if limit is not None else prof.limit, split,
                                              data_path)
     domain = data_domain if isinstance(domain, str) and domain == "data" else domain
+    sharding = _audit_sharding(adapter, x, y, executor, workers, shard_size, shards, resume, ray_address,
+                               gpus_per_worker, progress, profile=prof.name, eps=list(eps_values), norm=norm,
+                               seed=seed, device=device, batch_size=batch_size, domain=domain)
     ev = Evaluator(adapter, x, y, norm=norm, domain=None if domain is None else tuple(domain),
-                   seed=seed, device=device, batch_size=batch_size, progress=progress)
+                   seed=seed, device=device, batch_size=batch_size, progress=progress, sharding=sharding)
     seconds = {"clean": time.perf_counter() - start}
     run = _AuditRun(ev, prof, eps_values, seconds)
     steps = [("noise", run.noise), ("certificates", run.certificates), ("attacks", run.attacks),
@@ -294,6 +305,26 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
         certificates=tuple(run.certs), skipped=tuple(run.skipped), violations=tuple(run.violations),
         pairs_checked=run.pairs_checked, warnings=tuple(run.warnings), examples=run.examples(),
         lipschitz_bound=run.lipschitz, seconds=seconds)
+
+
+def _audit_sharding(adapter, x, y, executor, workers, shard_size, shards, resume, address, gpus, progress,
+                    **settings):
+    """The audit's Sharding (None without sharding options); its folder is tied to the model's
+    network (or, for a model robeval cannot convert, its type and source) and the data."""
+    from .executors import make_sharding, run_identity
+
+    identity = None
+    if shards is not None:
+        try:
+            net = adapter.to_network()
+        except RobevalError:  # no network: identify the model by its kind and file
+            from .ir import Network, Node
+
+            net = Network([Node("id", "flatten", ("input",), attrs={"model": type(adapter).__name__,
+                                                                    "source": str(getattr(adapter, "path", ""))})],
+                          tuple(adapter.input_shape))
+        identity = run_identity("audit", net, x, y, shard_size=shard_size, **settings)
+    return make_sharding(executor, workers, shard_size, shards, resume, identity, address, gpus, progress=progress)
 
 
 def _label(model: Any) -> str:

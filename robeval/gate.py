@@ -189,17 +189,58 @@ def evaluate_model(mc: ModelConfig, config: GateConfig, progress: bool = False) 
     return [judge(mc.name, c, values[c], baseline, config.tolerance, seconds[c]) for c in mc.checks]
 
 
-def run_gate(config: GateConfig, progress: bool = False) -> GateResult:
+def run_gate(config: GateConfig, progress: bool = False, executor: Any = None) -> GateResult:
     """Evaluate every model's checks. Usage problems (a bad baseline file) raise GateUsageError
-    before any model is evaluated; evaluation errors are results, never exceptions."""
+    before any model is evaluated; evaluation errors are results, never exceptions.
+
+    ``executor`` ('process', 'ray' or an Executor) evaluates the models in parallel, one model per
+    shard; a model whose shard is lost (its worker died on every attempt) gets an "error" result
+    for each of its checks, so the gate fails closed."""
     for mc in config.models:
         if mc.baseline:
             load_baseline(mc.baseline)
     start = time.perf_counter()
     results: list[CheckResult] = []
-    for mc in config.models:
-        results += evaluate_model(mc, config, progress)
+    if executor is None:
+        for mc in config.models:
+            results += evaluate_model(mc, config, progress)
+    else:
+        results = _run_parallel(config, executor, progress)
     return GateResult(tuple(results), config.tolerance, time.perf_counter() - start)
+
+
+def _run_parallel(config: GateConfig, executor: Any, progress: bool) -> list[CheckResult]:
+    """One shard per model on ``executor``; lost shards become error results."""
+    from dataclasses import replace
+
+    from .executors import Shard, get_executor, jobs, run_shards
+
+    ex = get_executor(executor)
+    models = [_absolute(mc) for mc in config.models]  # workers may run in another folder
+    shards = [Shard(i, i, i + 1) for i in range(len(models))]
+    failures: dict[int, str] = {}
+    parts = run_shards(ex, jobs.gate_shard, (replace(config, models=tuple(models)),), shards,
+                       lambda s: models[s.index], desc="gate models", progress=progress, failures=failures)
+    results: list[CheckResult] = []
+    for shard, mc, part in zip(shards, models, parts):
+        if shard.index in failures:
+            why = f"the evaluation was lost ({failures[shard.index]}) on every attempt of {shard.name.split(' (')[0]}"
+            results += [CheckResult(mc.name, c, "error", message=why) for c in mc.checks]
+        else:
+            results += part
+    return results
+
+
+def _absolute(mc: ModelConfig) -> ModelConfig:
+    from dataclasses import replace
+    from pathlib import Path
+
+    data = mc.data
+    if data and Path(data).suffix == ".npz" and Path(data).exists():
+        data = str(Path(data).resolve())
+    return replace(mc, path=Path(mc.path).resolve(), data=data,
+                   data_path=Path(mc.data_path).resolve() if mc.data_path else None,
+                   baseline=Path(mc.baseline).resolve() if mc.baseline else None)
 
 
 __all__ = ["parse_check", "load_config", "run_gate", "Check", "CheckResult", "GateResult", "GateConfig",

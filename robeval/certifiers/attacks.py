@@ -472,7 +472,9 @@ def attack(model: Any, data: Any, attack: str = "apgd", eps: float | Sequence[fl
            steps: int | None = None, restarts: int | None = None, step_size: float | None = None,
            loss: str = "ce", targets: Any = None, seed: int = 0, domain=(0.0, 1.0), batch_size: int | None = None,
            limit: int | None = None, progress: bool = False, certification: Any = None, checks: bool = True,
-           input_shape: tuple[int, ...] | None = None, **options) -> AttackReport:
+           input_shape: tuple[int, ...] | None = None, executor: Any = None, workers: int | None = None,
+           shard_size: int | None = None, shards: Any = None, resume: bool = False, ray_address: str | None = None,
+           gpus_per_worker: float | None = None, sharding: Any = None, **options) -> AttackReport:
     """Attack ``model`` on ``data`` at every radius in ``eps``; an upper bound on robust accuracy.
 
     Args:
@@ -486,6 +488,10 @@ def attack(model: Any, data: Any, attack: str = "apgd", eps: float | Sequence[fl
             >= eps that the attack breaks raises ConsistencyError (it proves a bug).
         checks: run the gradient-masking checks (GradientMaskingWarning, listed in the report).
         input_shape: per-sample shape for models that do not record it (a torch nn.Module).
+        executor, workers, shard_size, shards, resume, ray_address, gpus_per_worker: shard the
+            attack (see ``robeval.certify``); the batches are seeded by their sample index, so the
+            merged result equals the local run's. ``sharding``: a ready Sharding instead.
+            The gradient-masking checks run here, on the merged results.
         options: further attack settings (e.g. random_start=False, early_stop=False for PGD).
     Returns:
         AttackReport: one AttackResult per eps, plus the warnings.
@@ -508,7 +514,17 @@ def attack(model: Any, data: Any, attack: str = "apgd", eps: float | Sequence[fl
     adapter = load_model(model, input_shape=input_shape)
     x, y = as_arrays(data, limit)
     x = _to_model_layout(adapter, x)
+    if sharding is None:
+        from ..api import _sharding
+
+        net = adapter.to_network() if shards is not None else None
+        sharding = _sharding("attack", net, x, y, executor, workers, shard_size, shards, resume, ray_address,
+                             gpus_per_worker, progress, attack=atk.name, eps=list(eps_values), norm=norm,
+                             params=atk.params(), targets=None if targets is None else str(targets),
+                             domain=domain, batch_size=batch_size)
+    atk.sharding = sharding
     results = [atk(adapter, x, y, e, targets=targets) for e in eps_values]
+    atk.sharding = None  # the masking checks below attack again, unsharded
     if certification is not None:
         check_certified(results, certification)
     found = masking_checks(adapter, atk, x, y, results, seed=seed) if checks else []

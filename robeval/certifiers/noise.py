@@ -188,12 +188,14 @@ def predict_classes(model: Any, x: Any, batch: int) -> numpy.ndarray:
 
 def sweep(model: Any, data: Any, kind: str = "uniform", levels: Any = None, draws: int = 10, seed: int = 0,
           domain=(0.0, 1.0), batch_size: int | None = None, limit: int | None = None, confidence: float = 0.95,
-          progress: bool = False, input_shape: tuple[int, ...] | None = None) -> NoiseResult:
+          progress: bool = False, input_shape: tuple[int, ...] | None = None, sharding: Any = None) -> NoiseResult:
     """Accuracy of ``model`` on ``data`` under random noise of one ``kind`` at several levels.
 
     ``model`` is anything ``robeval.load_model`` takes; ``data`` a Dataset, an (x, y) pair or a dict.
     ``input_shape`` is needed for models that do not record it (a torch nn.Module). See ``NoiseSweep``
-    for the other arguments and the module docstring for the interval.
+    for the other arguments and the module docstring for the interval. ``sharding`` (a
+    ``robeval.executors.base.Sharding``) runs the images in shards; the shard starting at sample s > 0
+    draws its own noise (see ``NoiseSweep.counts``), so the result equals the local sharded run's.
 
     >>> # r = sweep("model.onnx", robeval.load_dataset("mnist", limit=500), kind="gaussian", levels=[0, .1, .3])
     """
@@ -202,6 +204,7 @@ def sweep(model: Any, data: Any, kind: str = "uniform", levels: Any = None, draw
 
     runner = NoiseSweep(kind=kind, levels=levels, draws=draws, seed=seed, domain=domain, batch_size=batch_size,
                         confidence=confidence, progress=progress)
+    runner.sharding = sharding
     adapter = load_model(model, input_shape=input_shape)
     x, y = as_arrays(data, limit)
     return runner(adapter, _to_model_layout(adapter, x), y)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import load_data_arg, load_model_arg, reports_errors, write_json
-from .options import check_eps_text, data_options, parse_domain, parse_floats, run_options
+from .options import check_eps_text, data_options, executor_options, parse_domain, parse_floats, run_options
 
 
 def model_options(fn):
@@ -30,9 +30,10 @@ def model_options(fn):
 @model_options
 @data_options
 @run_options
+@executor_options
 @reports_errors
 def attack(model, name, norm, eps_text, steps, restarts, step_size, loss, domain_text, input_shape, trust_pickle,
-           class_path, data, data_path, split, limit, device, batch_size, seed, json_path, progress):
+           class_path, data, data_path, split, limit, device, batch_size, seed, json_path, progress, scale):
     """Attack MODEL at every radius in --eps and print robust accuracy (an upper bound on the true
     robust accuracy; certificates give the lower bound)."""
     from ..certifiers.attacks import attack as run_attack
@@ -42,7 +43,7 @@ def attack(model, name, norm, eps_text, steps, restarts, step_size, loss, domain
     x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None)
     report = run_attack(adapter, (x, y), attack=name, eps=eps_values, norm=norm, steps=steps, restarts=restarts,
                         step_size=step_size, loss=loss, seed=seed, domain=parse_domain(domain_text),
-                        batch_size=batch_size, progress=progress)
+                        batch_size=batch_size, progress=progress, **scale)
     click.echo(f"model: {label}   data: {data_name} ({len(y)} samples)   attack: {name} ({norm}, loss {loss})")
     click.echo(f"clean accuracy: {100 * report.clean_accuracy:.2f}%")
     click.echo(f"  {'eps':>10}  {'robust acc':>10}  {'success':>8}  {'max |delta|':>11}  {'time':>8}")

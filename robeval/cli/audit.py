@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .common import load_data_arg, load_model_arg, reports_errors, write_json
-from .options import check_eps_text, data_options, parse_domain, parse_floats, run_options
+from .options import check_eps_text, data_options, executor_options, parse_domain, parse_floats, run_options
 
 
 def render_summary(report) -> list[str]:
@@ -42,9 +42,10 @@ def render_summary(report) -> list[str]:
 @click.option("--input-shape", default=None, help="per-sample input shape C,H,W when the model does not say")
 @data_options
 @run_options
+@executor_options
 @reports_errors
 def audit(model, profile, norm, eps_text, domain_text, out_dir, class_path, trust_pickle, input_shape, data,
-          data_path, split, limit, device, batch_size, seed, json_path, progress):
+          data_path, split, limit, device, batch_size, seed, json_path, progress, scale):
     """Audit MODEL (the built-in digits model when omitted): clean accuracy, random noise,
     FGSM/PGD/APGD, IBP/CROWN/Lipschitz certificates where the model allows, consistency and
     gradient-masking checks. Writes report.json, report.html (one self-contained page) and
@@ -58,7 +59,7 @@ def audit(model, profile, norm, eps_text, domain_text, out_dir, class_path, trus
     x, y, data_name = load_data_arg(adapter, data, data_path, split, limit or prof.limit, model is None)
     report = audit_api(adapter, (x, y), profile=prof, eps=eps_values, norm=norm, seed=seed, device=device,
                        batch_size=batch_size, domain=parse_domain(domain_text), progress=progress, label=label,
-                       data_name=data_name)
+                       data_name=data_name, **scale)
     for line in render_summary(report):
         click.echo(line)
     paths = report.save(out_dir)

@@ -7,7 +7,7 @@ import time
 import click
 
 from .common import load_data_arg, load_model_arg, reports_errors, write_json
-from .options import check_eps_text, data_options, parse_domain, parse_floats, run_options
+from .options import check_eps_text, data_options, executor_options, parse_domain, parse_floats, run_options
 
 
 def render_certification(result, label: str, data_name: str) -> list[str]:
@@ -16,6 +16,9 @@ def render_certification(result, label: str, data_name: str) -> list[str]:
              f"method: {result.method}   norm: {result.norm}   domain: {list(result.domain)}   "
              f"device: {result.device} ({result.dtype})"]
     lines += [f"note: {note}" for note in result.notes]
+    if result.extra.get("shards"):
+        lines.append(f"sharded: {result.extra['shards']} shard(s) of {result.extra['shard_size']} samples on the "
+                     f"{result.extra['executor']} executor (times are summed over shards)")
     if result.lipschitz_bound is not None:
         lines.append(f"global L2 Lipschitz bound: {result.lipschitz_bound:.6g}")
     lines.append(f"clean accuracy: {100 * result.clean_accuracy:.2f}%")
@@ -43,9 +46,10 @@ def render_certification(result, label: str, data_name: str) -> list[str]:
 @click.option("--input-shape", default=None, help="per-sample input shape C,H,W when the model does not say")
 @data_options
 @run_options
+@executor_options
 @reports_errors
 def certify(model, method, norm, eps_text, domain_text, class_path, trust_pickle, input_shape, data, data_path,
-            split, limit, device, batch_size, seed, json_path, progress):
+            split, limit, device, batch_size, seed, json_path, progress, scale):
     """Certify MODEL (.onnx, .pt, .pt2, .keras, .h5; the built-in digits model when omitted) on a
     data set at every radius in --eps, and print clean and certified accuracy with per-sample
     verdict counts (verified / falsified / unknown) and the time taken."""
@@ -57,7 +61,10 @@ def certify(model, method, norm, eps_text, domain_text, class_path, trust_pickle
     x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None)
     start = time.perf_counter()
     result = certify_api(adapter, (x, y), method=method, eps=eps_values, norm=norm, device=device,
-                         batch_size=batch_size, domain=domain, progress=progress)
+                         batch_size=batch_size, domain=domain, progress=progress, executor=scale["executor"],
+                         workers=scale["workers"], shard_size=scale["shard_size"], shards=scale["shards"],
+                         resume=scale["resume"], ray_address=scale["ray_address"],
+                         gpus_per_worker=scale["gpus_per_worker"])
     for line in render_certification(result, label, data_name):
         click.echo(line)
     click.echo(f"total time: {time.perf_counter() - start:.2f}s")

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .common import reports_errors
+from .options import executor_options
 
 
 @click.command("gate")
@@ -23,16 +24,21 @@ from .common import reports_errors
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False), default=None,
               help="write JUnit XML (one testcase per check) to this file")
 @click.option("--progress/--no-progress", default=False, help="progress bars on stderr")
+@executor_options(store=False)
 @click.pass_context
 @reports_errors
-def gate(ctx, config_path, baseline, tolerance, junit_path, progress):
+def gate(ctx, config_path, baseline, tolerance, junit_path, progress, scale):
     """Evaluate the checks in --config and exit 0 (all pass), 1 (a check fails), 2 (usage error)
-    or 3 (evaluation error: missing model or data, unsupported op, NaN output)."""
+    or 3 (evaluation error: missing model or data, unsupported op, NaN output). With --executor
+    process or ray the models are evaluated in parallel; a model lost on every attempt is an error."""
+    from ..executors import get_executor
     from ..gate import GateUsageError, load_config, run_gate
 
     try:
         config = load_config(config_path, baseline=baseline, tolerance=tolerance)
-        result = run_gate(config, progress=progress)
+        executor = None if scale["executor"] is None and scale["workers"] is None else get_executor(
+            scale["executor"] or "local", scale["workers"], scale["ray_address"], scale["gpus_per_worker"])
+        result = run_gate(config, progress=progress, executor=executor)
     except GateUsageError as exc:
         raise click.UsageError(str(exc), ctx=ctx) from None
     for line in result.table():

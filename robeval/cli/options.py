@@ -82,3 +82,50 @@ def check_eps_text(eps_values: list[float]) -> list[float]:
         if e < 0:
             raise InvalidParameterError(f"--eps {e} is negative; every radius must be >= 0")
     return eps_values
+
+
+def executor_options(fn=None, *, store: bool = True):
+    """--executor, --workers, --ray-address, --gpus-per-worker and (with ``store``) --shard-size,
+    --shards DIR, --resume DIR; packed into one ``scale`` dict argument (see robeval.executors)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            scale = {key: kwargs.pop(key) for key in ("executor", "workers", "ray_address", "gpus_per_worker")}
+            if store:
+                shards, resume = kwargs.pop("shards_dir"), kwargs.pop("resume_dir")
+                if shards and resume and os.path.abspath(shards) != os.path.abspath(resume):
+                    raise click.UsageError(f"--shards {shards} and --resume {resume} name different folders; "
+                                           "pass only --resume DIR to continue a run")
+                scale.update(shard_size=kwargs.pop("shard_size"), shards=resume or shards, resume=bool(resume))
+            if scale["ray_address"] and scale["executor"] not in (None, "ray"):
+                raise click.UsageError(f"--ray-address needs --executor ray (got --executor {scale['executor']})")
+            if scale["ray_address"] and scale["executor"] is None:
+                scale["executor"] = "ray"
+            return fn(*args, scale=scale, **kwargs)
+
+        opts = [
+            click.option("--executor", type=click.Choice(["local", "process", "ray"]), default=None,
+                         help="run the work in shards: local (this process), process (a local process pool) or "
+                              "ray (a local Ray, or --ray-address); default: one pass in this process"),
+            click.option("--workers", type=click.IntRange(min=1), default=None,
+                         help="shards at once (default: one per CPU core / the cluster's CPUs)"),
+            click.option("--ray-address", default=None,
+                         help="an existing Ray cluster, e.g. ray://head:10001 or auto (implies --executor ray)"),
+            click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+                         help="GPUs each Ray task asks for, so CuPy work (--device cuda) lands on GPU nodes"),
+        ]
+        if store:
+            opts += [
+                click.option("--shard-size", type=click.IntRange(min=1), default=None,
+                             help="samples per shard (default 1000; rounded up to a multiple of --batch-size)"),
+                click.option("--shards", "shards_dir", type=click.Path(file_okay=False), default=None,
+                             help="write every finished shard and a manifest to this new folder (resumable)"),
+                click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+                             help="continue the run kept in this folder: only the missing shards run"),
+            ]
+        for opt in reversed(opts):
+            wrapper = opt(wrapper)
+        return wrapper
+
+    return decorate(fn) if fn is not None else decorate

@@ -1,7 +1,7 @@
 """The executor interface and the shard driver shared by every executor.
 
 Work is cut into shards of consecutive samples (``plan_shards``); a shard is computed by a plain
-module-level function ``fn(shared, payload)`` from the heavy state every shard needs (the network or
+module-level function ``fn(shared, shard, payload)`` from the heavy state every shard needs (the network or
 model, shipped once per worker) and its own small payload (its samples). ``run_shards`` keeps at most
 ``executor.capacity`` shards in flight, retries a failed shard a bounded number of times, writes each
 finished shard to the store, shows progress, and returns the results in shard order or raises
@@ -71,7 +71,7 @@ class Session(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, fn: Callable, shard: Shard, payload: Any) -> None:
-        """Start computing ``fn(shared, payload)`` for ``shard``."""
+        """Start computing ``fn(shared, shard, payload)``."""
 
     @abc.abstractmethod
     def wait(self) -> list[tuple[Shard, bool, Any]]:
@@ -113,10 +113,11 @@ def one_line(exc: BaseException | str) -> str:
 
 def run_shards(executor: Executor, fn: Callable, shared: Any, shards: list[Shard], payload: Callable[[Shard], Any],
                store: Any = None, retries: int = DEFAULT_RETRIES, desc: str = "shards",
-               progress: bool = False) -> list[Any]:
+               progress: bool = False, failures: dict | None = None) -> list[Any]:
     """Every shard's result in shard order. Shards already in ``store`` (a JobStore) are loaded, not
     run; every new one is saved as soon as it is finished. A shard that fails ``retries + 1`` times
-    is named in the ShardFailedError raised once every other shard has finished."""
+    is named in the ShardFailedError raised once every other shard has finished — or, when a
+    ``failures`` dict is given, recorded there (index -> error) with None as its result."""
     results: dict[int, Any] = {}
     if store is not None:
         for shard in shards:
@@ -165,6 +166,9 @@ def run_shards(executor: Executor, fn: Callable, shared: Any, shards: list[Shard
             bar.set_postfix_str(f"{len(results)}/{len(shards)} shards, {rate:.0f} samples/s", refresh=False)
     if hasattr(bar, "close"):
         bar.close()
+    if failed and failures is not None:
+        failures.update(failed)
+        return [results.get(s.index) for s in shards]
     if failed:
         names = ", ".join(next(s.name for s in shards if s.index == i) for i in sorted(failed))
         first = failed[min(failed)]

@@ -29,7 +29,7 @@ def _host(a: Any) -> numpy.ndarray:
 
 
 # ----------------------------------------------------------------------------- certification
-def certify_shard(shared, payload) -> dict[str, numpy.ndarray]:
+def certify_shard(shared, shard, payload) -> dict[str, numpy.ndarray]:
     """One shard of ``Certifier.certify``: the certifier's own template on the shard's samples."""
     certifier, network, eps = shared
     x, y = payload
@@ -70,11 +70,11 @@ def certify_sharded(certifier, network, x, y, eps_values, notes, sharding: Shard
 
 
 # ----------------------------------------------------------------------------- attacks
-def attack_shard(shared, payload) -> dict[str, numpy.ndarray]:
+def attack_shard(shared, shard, payload) -> dict[str, numpy.ndarray]:
     """One shard of an attack at one radius; its batches are seeded by their global sample index."""
     atk, model = shared
-    x, y, eps, targets, offset = payload
-    r = atk(model, x, y, eps, targets=targets, offset=offset)
+    x, y, eps, targets = payload
+    r = atk(model, x, y, eps, targets=targets, offset=shard.start)
     out = {"clean_predictions": r.clean_predictions, "adv_predictions": r.adv_predictions, "success": r.success,
            "x_adv": r.x_adv, "perturbation_norms": r.perturbation_norms, "notes": numpy.asarray(r.notes, dtype=str)}
     for key in COUNTERS:
@@ -99,11 +99,16 @@ def attack_sharded(atk, model, x, y, eps: float, targets, sharding: Sharding):
     if not _is_local(sharding):
         portable(shared_model, sharding.executor.name)
     tg = None if targets is None else numpy.asarray(targets)
+    # batches never straddle shards: with the default batch (1000) and shard size (1000) the batches
+    # are the unsharded run's; a smaller shard size makes the batch the shard size
+    batch = atk.batch_size or min(_default_batch(), sharding.shard_size)
+    worker = _worker_copy(atk)
+    worker.batch_size = batch
     _, parts = sharding.run(
-        f"attack-{atk.name}-eps={eps!r}", spec, globals()["attack_shard"], (_worker_copy(atk), shared_model), n,
+        f"attack-{atk.name}-eps={eps!r}", spec, globals()["attack_shard"], (worker, shared_model), n,
         lambda s: (_host(x[s.start:s.stop]), _host(y[s.start:s.stop]), eps,
-                   None if tg is None else tg[s.start:s.stop], s.start),
-        align=atk.batch_size or _default_batch(), desc=f"{atk.name} eps={eps:g}")
+                   None if tg is None else tg[s.start:s.stop]),
+        align=batch, desc=f"{atk.name} eps={eps:g}")
 
     def cat(key):
         return numpy.concatenate([p[key] for p in parts])
@@ -140,14 +145,14 @@ def shippable_model(model: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- noise
-def noise_shard(shared, payload) -> dict[str, numpy.ndarray]:
+def noise_shard(shared, shard, payload) -> dict[str, numpy.ndarray]:
     """One shard of a noise sweep: clean predictions and per-level counts of correct draws."""
     from ..certifiers.attacks import check_inputs
 
     runner, model = shared
-    x, y, start = payload
+    x, y = payload
     x, y = check_inputs(model, x, y, runner.domain)
-    clean, correct = runner.counts(model, x, y, start=start)
+    clean, correct = runner.counts(model, x, y, start=shard.start)
     return {"clean": clean, "correct": correct}
 
 
@@ -163,8 +168,17 @@ def noise_sharded(runner, model, x, y, sharding: Sharding):
         portable(shared_model, sharding.executor.name)
     shared = (_worker_copy(runner), shared_model)
     _, parts = sharding.run(f"noise-{runner.kind}", spec, globals()["noise_shard"], shared, int(x.shape[0]),
-                            lambda s: (_host(x[s.start:s.stop]), _host(y[s.start:s.stop]), s.start),
+                            lambda s: (_host(x[s.start:s.stop]), _host(y[s.start:s.stop])),
                             desc=f"noise:{runner.kind}")
     clean = numpy.concatenate([p["clean"] for p in parts])
     correct = numpy.concatenate([p["correct"] for p in parts])
     return runner.finish(numpy.asarray(asnumpy(y), dtype=numpy.int64), clean, correct, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- gate models
+def gate_shard(shared, shard, payload):
+    """One model of a gate: every check's CheckResult (evaluation errors are results already)."""
+    from ..gate import evaluate_model
+
+    config, = shared
+    return evaluate_model(payload, config, progress=False)

@@ -18,7 +18,7 @@ class _LocalSession(Session):
     def wait(self):
         fn, shard, payload = self.pending.pop(0)
         try:
-            return [(shard, True, fn(self.shared, payload))]
+            return [(shard, True, fn(self.shared, shard, payload))]
         except Exception as exc:  # a failing shard is reported by the driver, with its name
             return [(shard, False, one_line(exc))]
 

@@ -1,8 +1,9 @@
 """A local process pool: shards on ``workers`` spawned processes of this machine.
 
 The shared state is pickled once and handed to each worker as it starts (the pool's initializer),
-so a task carries only its shard's samples. A worker that dies breaks the pool: the shards that were
-running count one failed attempt each and the pool is rebuilt for the retries."""
+so a task carries only its shard's samples. A worker that dies breaks the pool: it is rebuilt, and
+the shards that were running are rerun one at a time so that only the one that kills its worker is
+charged a failed attempt."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def _init_worker(blob: bytes) -> None:
     _SHARED = pickle.loads(blob)
 
 
-def _run(fn, payload):
-    return fn(_SHARED, payload)
+def _run(fn, shard, payload):
+    return fn(_SHARED, shard, payload)
 
 
 def portable(shared: Any, executor: str) -> bytes:
@@ -37,41 +38,77 @@ def portable(shared: Any, executor: str) -> bytes:
 
 
 class _ProcessSession(Session):
+    """A worker death breaks the whole pool, so it cannot say which shard killed it: the shards that
+    were running are rerun one at a time on a fresh pool (uncharged), and only a shard that kills
+    its worker while running alone counts a failed attempt."""
+
     def __init__(self, blob: bytes, workers: int):
         import multiprocessing
 
         self.blob, self.workers = blob, workers
         self.context = multiprocessing.get_context("spawn")  # no fork: BLAS and torch threads are not fork-safe
         self.pool = self._pool()
-        self.futures: dict = {}
+        self.futures: dict = {}  # future -> (fn, shard, payload, pool)
+        self.suspects: list = []  # (fn, shard, payload) to rerun alone after a pool broke
+        self.held: list = []  # submitted while suspects run alone
 
     def _pool(self):
         return ProcessPoolExecutor(self.workers, mp_context=self.context, initializer=_init_worker,
                                    initargs=(self.blob,))
 
-    def submit(self, fn, shard, payload):
-        self.futures[self.pool.submit(_run, fn, payload)] = shard
+    def _start(self, fn, shard, payload):
+        try:
+            fut = self.pool.submit(_run, fn, shard, payload)
+        except BrokenProcessPool:  # a worker died since the last wait; its shards fail there
+            self._replace(self.pool)
+            fut = self.pool.submit(_run, fn, shard, payload)
+        self.futures[fut] = (fn, shard, payload, self.pool)
 
-    def wait(self):
-        done, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
-        out, broken = [], False
-        for fut in done:
-            shard = self.futures.pop(fut)
-            exc = fut.exception()
-            if exc is None:
-                out.append((shard, True, fut.result()))
-            else:
-                broken |= isinstance(exc, BrokenProcessPool)
-                out.append((shard, False, "a worker process died" if isinstance(exc, BrokenProcessPool)
-                            else one_line(exc)))
-        if broken:  # every shard still on the dead pool fails this attempt; retries go to a fresh pool
-            for fut, shard in list(self.futures.items()):
-                out.append((shard, False, "a worker process died"))
-                fut.cancel()
-            self.futures.clear()
+    def _replace(self, pool) -> None:
+        if pool is self.pool:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._pool()
-        return out
+
+    def submit(self, fn, shard, payload):
+        if self.suspects:
+            self.held.append((fn, shard, payload))
+        else:
+            self._start(fn, shard, payload)
+
+    def wait(self):
+        while True:
+            if not self.futures:
+                if self.suspects:
+                    self._start(*self.suspects.pop(0))
+                else:
+                    for item in self.held:
+                        self._start(*item)
+                    self.held.clear()
+            out = []
+            done, _ = wait(list(self.futures), return_when=FIRST_COMPLETED)
+            for fut in done:
+                if fut not in self.futures:
+                    continue  # already handled with its broken pool
+                fn, shard, payload, pool = self.futures.pop(fut)
+                exc = fut.exception()
+                if exc is None:
+                    out.append((shard, True, fut.result()))
+                elif not isinstance(exc, BrokenProcessPool):
+                    out.append((shard, False, one_line(exc)))
+                else:
+                    victims = [(fn, shard, payload)]
+                    for other, (f2, s2, p2, owner) in list(self.futures.items()):
+                        if owner is pool:
+                            victims.append((f2, s2, p2))
+                            other.cancel()
+                            del self.futures[other]
+                    self._replace(pool)
+                    if len(victims) == 1:
+                        out.append((shard, False, "its worker process died"))
+                    else:
+                        self.suspects.extend(victims)
+            if out:
+                return out
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -27,7 +27,7 @@ def import_ray():
     return ray
 
 
-def _task(fn, boxed_ref, payload):
+def _task(fn, boxed_ref, shard, payload):
     """Runs on a Ray worker: the shared state from this worker's cache (fetched on first use)."""
     import ray
 
@@ -36,7 +36,7 @@ def _task(fn, boxed_ref, payload):
     if key not in _CACHE:
         _CACHE.clear()  # one run's state at a time
         _CACHE[key] = ray.get(ref)
-    return fn(_CACHE[key], payload)
+    return fn(_CACHE[key], shard, payload)
 
 
 def _remote():
@@ -77,7 +77,7 @@ class _RaySession(Session):
         self.running: dict = {}
 
     def submit(self, fn, shard, payload):
-        ref = _remote().options(**self.options).remote(fn, [self.ref], payload)
+        ref = _remote().options(**self.options).remote(fn, [self.ref], shard, payload)
         self.running[ref] = shard
 
     def wait(self):

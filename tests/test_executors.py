@@ -46,10 +46,12 @@ def problem():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at import: bind loopback only
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'robeval[ray]')")
     paths = os.pathsep.join([str(REPO), str(REPO / "tests")])
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": paths}})
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": paths}})
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     yield ray
     ray.shutdown()
 
@@ -232,3 +234,28 @@ def test_bad_executor_options_are_one_line_errors(problem):
         run_certify(problem, "ibp", executor="local", shard_size=0)
     res = CliRunner().invoke(main, [*CLI, "--executor", "local", "--ray-address", "ray://h:10001"])
     assert res.exit_code == 2 and "--ray-address needs --executor ray" in res.output
+
+
+def test_cli_ray_starts_its_own_loopback_cluster(tmp_path):
+    """No cluster running in that process: --executor ray starts one for the run (loopback only)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'robeval[ray]')")
+    local, remote = tmp_path / "local.json", tmp_path / "ray.json"
+    code = "import sys; from robeval.cli import main; main(sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", code, *CLI, "--method", "crown", "--executor", "ray", "--workers",
+                           "2", "--json", str(remote)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+    assert "sharded: 5 shard(s) of 100 samples on the ray executor" in proc.stdout
+    crown = json.loads(remote.read_text())["samples"]
+    proc = subprocess.run([sys.executable, "-c", code, *CLI, "--method", "crown", "--executor", "local", "--json",
+                           str(local)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(local.read_text())["samples"] == crown
+
+
+def test_gpus_per_worker_without_gpus_is_refused(problem, ray_cluster):
+    from robeval.executors import ExecutorUnavailableError
+
+    with pytest.raises(ExecutorUnavailableError, match="--gpus-per-worker 1 but the Ray cluster has 0 GPU"):
+        run_certify(problem, "ibp", executor="ray", gpus_per_worker=1.0, shard_size=16)

@@ -19,11 +19,39 @@ _CACHE: dict[str, Any] = {}  # per worker process: the object-store id -> the un
 _REMOTE = None
 
 
-def import_ray():
+#: With this off, Ray takes the loopback address as the node's and binds its servers there only.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray(local: bool = False):
+    """The ray module (one-line install hint when missing). ``local``: a Ray started here is to
+    listen on loopback only, which Ray decides from an environment variable read at import."""
+    import sys
+
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         import ray
     except ImportError:
         raise ExecutorUnavailableError(INSTALL_HINT) from None
+    if local:
+        from ray._private import ray_constants  # imported already: the same switch, set on the module
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    return ray
+
+
+def start_local_ray(num_cpus: int):
+    """A Ray for this run on this machine: loopback only, no dashboard, workers importing this robeval.
+    Refuses (and stops it) should it come up on a non-loopback address."""
+    ray = import_ray(local=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=local_runtime_env(), logging_level="ERROR",
+             log_to_driver=False)
+    address = ray.util.get_node_ip_address()
+    if not address.startswith("127.") and address not in ("::1", "localhost"):
+        ray.shutdown()
+        raise ExecutorUnavailableError(f"the local Ray came up on {address}, not loopback; start a cluster yourself "
+                                       "(ray start --head) and pass --ray-address")
     return ray
 
 
@@ -56,25 +84,32 @@ def local_runtime_env() -> dict:
 
 class _RaySession(Session):
     def __init__(self, executor: RayExecutor, shared: Any):
-        ray = self.ray = import_ray()
+        ray = self.ray = import_ray(local=not executor.address)
         self.started = False
+        self.running: dict = {}
         if not ray.is_initialized():
             try:
                 if executor.address:
                     ray.init(address=executor.address, logging_level="ERROR", log_to_driver=False)
                 else:
-                    ray.init(num_cpus=executor.capacity, include_dashboard=False, _node_ip_address="127.0.0.1",
-                             runtime_env=local_runtime_env(), logging_level="ERROR", log_to_driver=False)
+                    start_local_ray(executor.capacity)
+            except ExecutorUnavailableError:
+                raise
             except Exception as exc:
                 where = executor.address or "a local Ray"
                 raise ExecutorUnavailableError(f"could not start or reach {where}: {one_line(exc)}") from None
             self.started = True
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if executor.gpus_per_worker and gpus < executor.gpus_per_worker:
+            self.close()
+            raise ExecutorUnavailableError(f"--gpus-per-worker {executor.gpus_per_worker:g} but the Ray cluster has "
+                                           f"{gpus:g} GPU(s), so no task could be placed; drop the option or add "
+                                           "GPU nodes")
         portable(shared, "Ray")  # a clear error before anything is shipped
         self.ref = ray.put(shared)
         self.options: dict = {"num_cpus": 1}
         if executor.gpus_per_worker:
             self.options["num_gpus"] = executor.gpus_per_worker
-        self.running: dict = {}
 
     def submit(self, fn, shard, payload):
         ref = _remote().options(**self.options).remote(fn, [self.ref], shard, payload)
@@ -118,7 +153,7 @@ class RayExecutor(Executor):
             raise InvalidParameterError(f"gpus_per_worker={gpus_per_worker!r}; expected a number >= 0")
         self.address = address or None
         self.gpus_per_worker = gpus_per_worker
-        import_ray()  # fail now, with the install hint, not when the first shard is due
+        import_ray(local=not self.address)  # fail now, with the install hint, not when the first shard is due
 
     @property
     def capacity(self) -> int:

@@ -5,6 +5,7 @@ can be stored as an .npz file and resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Any
@@ -24,16 +25,50 @@ def _worker_copy(obj: Any) -> Any:
     return twin
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Every shard runs with BLAS (and torch, when loaded) on one thread, on every executor: the
+    thread count changes how a BLAS call splits its sums, hence the last bits, and a Ray worker starts
+    with one thread where this process has one per core. Workers are the parallelism."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        if torch is not None:
+            torch.set_num_threads(before)
+
+
 def _host(a: Any) -> numpy.ndarray:
     return numpy.ascontiguousarray(numpy.asarray(asnumpy(a)))
 
 
 # ----------------------------------------------------------------------------- certification
 def certify_shard(shared, shard, payload) -> dict[str, numpy.ndarray]:
-    """One shard of ``Certifier.certify``: the certifier's own template on the shard's samples."""
-    certifier, network, eps = shared
+    """One shard of ``Certifier.certify``: the certifier's own template on the shard's samples, with
+    the driver's thread count ($ROBEVAL_THREADS), which sets how CROWN splits a shard into batches,
+    and BLAS on one thread: so a worker on a machine with other cores computes the very same floats."""
+    import os
+
+    certifier, network, eps, threads = shared
     x, y = payload
-    r = certifier.certify(network, x, y, eps)
+    before = os.environ.get("ROBEVAL_THREADS")
+    os.environ["ROBEVAL_THREADS"] = str(threads)
+    try:
+        with one_thread():
+            r = certifier.certify(network, x, y, eps)
+    finally:
+        if before is None:
+            os.environ.pop("ROBEVAL_THREADS", None)
+        else:
+            os.environ["ROBEVAL_THREADS"] = before
     return {"predictions": r.predictions, "verdicts": numpy.asarray(r.verdicts, dtype=str), "bound": r.bound,
             "seconds": numpy.asarray(r.seconds, dtype=numpy.float64), "notes": numpy.asarray(r.notes, dtype=str),
             "lipschitz_bound": numpy.asarray(numpy.nan if r.lipschitz_bound is None else r.lipschitz_bound)}
@@ -41,13 +76,15 @@ def certify_shard(shared, shard, payload) -> dict[str, numpy.ndarray]:
 
 def certify_sharded(certifier, network, x, y, eps_values, notes, sharding: Sharding):
     """``certifier.certify`` over shards; returns the CertificationResult the local run returns."""
+    from ..certifiers.crown import thread_count
     from ..report.results import CertificationResult
 
     n = int(x.shape[0])
+    threads = thread_count(certifier.xp)
     spec = {"method": certifier.name, "norm": certifier.norm, "eps": list(eps_values),
             "domain": list(certifier.domain), "dtype": str(certifier.dtype), "device": certifier.device,
-            "batch_size": certifier.batch_size}
-    shared = (_worker_copy(certifier), network, eps_values)
+            "batch_size": certifier.batch_size, "threads": threads}
+    shared = (_worker_copy(certifier), network, eps_values, threads)
     shards, parts = sharding.run(f"certify-{certifier.name}", spec, globals()["certify_shard"], shared, n,
                                  lambda s: (_host(x[s.start:s.stop]), _host(y[s.start:s.stop])),
                                  align=certifier.batch_size or 1, desc=certifier.name)
@@ -74,7 +111,8 @@ def attack_shard(shared, shard, payload) -> dict[str, numpy.ndarray]:
     """One shard of an attack at one radius; its batches are seeded by their global sample index."""
     atk, model = shared
     x, y, eps, targets = payload
-    r = atk(model, x, y, eps, targets=targets, offset=shard.start)
+    with one_thread():
+        r = atk(model, x, y, eps, targets=targets, offset=shard.start)
     out = {"clean_predictions": r.clean_predictions, "adv_predictions": r.adv_predictions, "success": r.success,
            "x_adv": r.x_adv, "perturbation_norms": r.perturbation_norms, "notes": numpy.asarray(r.notes, dtype=str)}
     for key in COUNTERS:
@@ -152,7 +190,8 @@ def noise_shard(shared, shard, payload) -> dict[str, numpy.ndarray]:
     runner, model = shared
     x, y = payload
     x, y = check_inputs(model, x, y, runner.domain)
-    clean, correct = runner.counts(model, x, y, start=shard.start)
+    with one_thread():
+        clean, correct = runner.counts(model, x, y, start=shard.start)
     return {"clean": clean, "correct": correct}
 
 

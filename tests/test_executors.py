@@ -262,3 +262,25 @@ def test_gpus_per_worker_without_gpus_is_refused(problem, ray_cluster):
 
     with pytest.raises(ExecutorUnavailableError, match="--gpus-per-worker 1 but the Ray cluster has 0 GPU"):
         run_certify(problem, "ibp", executor="ray", gpus_per_worker=1.0, shard_size=16)
+
+
+def test_audit_on_ray_equals_local_and_resumes_from_its_shards(ray_cluster, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from robeval.auditor import PROFILES, audit
+
+    prof = replace(PROFILES["quick"], attacks=(("fgsm", None), ("pgd", 5)), noise_levels=(0.0, 0.2), draws=2,
+                   certifiers=("ibp", "crown"), examples=0)
+    model = REPO / "robeval" / "models" / "digits_mlp.onnx"
+    kw = {"profile": prof, "limit": 70, "eps": [0.02, 0.1], "seed": 5, "shard_size": 32}
+    local = audit(model, "digits", executor="local", **kw)
+    folder = tmp_path / "run"
+    remote = audit(model, "digits", executor="ray", workers=2, shards=folder, **kw)
+    a, b = json.loads(local.to_json()), json.loads(remote.to_json())
+    assert a["metrics"] == b["metrics"] and a["verdicts"] == b["verdicts"]
+    assert len(list(folder.glob("*.npz"))) == 3 * (2 + 2 * 2 + 2)  # 3 shards: 2 certifiers, 2 attacks x 2 eps, 2 noise
+    log = str(tmp_path / "log")
+    monkeypatch.setattr(jobs, "certify_shard", functools.partial(faults.logged, log))
+    again = audit(model, "digits", executor="ray", workers=2, shards=folder, resume=True, **kw)
+    assert faults.ran(log) == []  # every shard came from the folder
+    assert json.loads(again.to_json())["metrics"] == a["metrics"]

@@ -68,9 +68,10 @@ def attack(model, name, norm, eps_text, steps, restarts, step_size, loss, domain
 @model_options
 @data_options
 @run_options
+@executor_options
 @reports_errors
 def sweep(model, kind, levels_text, draws, domain_text, input_shape, trust_pickle, class_path, data, data_path,
-          split, limit, device, batch_size, seed, json_path, progress):
+          split, limit, device, batch_size, seed, json_path, progress, scale):
     """Accuracy of MODEL under random noise at several levels, with 95% confidence intervals."""
     from ..certifiers.noise import sweep as run_sweep
 
@@ -78,8 +79,14 @@ def sweep(model, kind, levels_text, draws, domain_text, input_shape, trust_pickl
     kind = "replace" if kind == "pixels" else kind
     adapter, label = load_model_arg(model, class_path, trust_pickle, input_shape)
     x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None)
+    from ..api import _sharding
+
+    net = adapter.to_network() if scale["shards"] else None
+    sharding = _sharding("sweep", net, x, y, scale["executor"], scale["workers"], scale["shard_size"], scale["shards"],
+                         scale["resume"], scale["ray_address"], scale["gpus_per_worker"], progress, kind=kind,
+                         levels=levels, draws=draws, seed=seed, domain=domain_text, batch_size=batch_size)
     result = run_sweep(adapter, (x, y), kind=kind, levels=levels, draws=draws, seed=seed,
-                       domain=parse_domain(domain_text), batch_size=batch_size, progress=progress)
+                       domain=parse_domain(domain_text), batch_size=batch_size, progress=progress, sharding=sharding)
     click.echo(f"model: {label}   data: {data_name} ({len(y)} samples)   noise: {kind}, {draws} draws per image")
     click.echo(f"  {'level':>10}  {'accuracy':>9}  {'95% interval':>17}")
     for level, acc, lo, hi in zip(result.levels, result.accuracy, result.ci_low, result.ci_high):

@@ -1,7 +1,9 @@
 """Shared machinery of the certifiers: parameter checks, the input box, batching, verdicts, timing.
 
 A certifier subclass supplies one method that bounds a batch; the final ``certify`` template keeps
-every check to itself, so no subclass can skip the validation or the verdict rule."""
+every check to itself, so no subclass can skip the validation or the verdict rule. With a
+``sharding`` (robeval.executors) the template validates once, then runs itself on every shard of
+samples on the sharding's executor and merges the shards in sample order."""
 
 from __future__ import annotations
 

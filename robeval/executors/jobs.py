@@ -89,12 +89,16 @@ def certify_sharded(certifier, network, x, y, eps_values, notes, sharding: Shard
                                  lambda s: (_host(x[s.start:s.stop]), _host(y[s.start:s.stop])),
                                  align=certifier.batch_size or 1, desc=certifier.name)
     labels = numpy.asarray(asnumpy(y), dtype=numpy.int64)
-    cat = (lambda key: numpy.concatenate([p[key] for p in parts])) if parts else None
-    preds = cat("predictions") if parts else numpy.empty(0, numpy.int64)
-    verdicts = cat("verdicts") if parts else numpy.empty((0, len(eps_values)), str)
-    bound = cat("bound") if parts else numpy.empty((0, len(eps_values)))
-    seconds = tuple(float(v) for v in numpy.sum([p["seconds"] for p in parts], axis=0)) if parts \
-        else (0.0,) * len(eps_values)
+    e = len(eps_values)
+
+    def cat(key, empty):  # no parts only for an empty data set
+        return numpy.concatenate([p[key] for p in parts]) if parts else empty
+
+    preds = cat("predictions", numpy.empty(0, numpy.int64))
+    verdicts = cat("verdicts", numpy.empty((0, e), str))
+    bound = cat("bound", numpy.empty((0, e)))
+    seconds = tuple(float(v) for v in numpy.sum([p["seconds"] for p in parts] or [numpy.zeros(e)], axis=0))
+    # notes and the Lipschitz bound are facts of the network, the same in every shard
     shard_notes = tuple(str(v) for v in parts[0]["notes"]) if parts else tuple(notes)
     lip = float(parts[0]["lipschitz_bound"]) if parts else numpy.nan
     return CertificationResult(
@@ -132,7 +136,7 @@ def attack_sharded(atk, model, x, y, eps: float, targets, sharding: Sharding):
     n = int(x.shape[0])
     spec = {"attack": atk.name, "norm": atk.norm, "eps": float(eps), "domain": list(atk.domain),
             "batch_size": atk.batch_size, "targets": None if targets is None else "given",
-            **{k: v for k, v in atk.params().items()}}
+            **atk.params()}
     shared_model = shippable_model(model) if not _is_local(sharding) else model
     if not _is_local(sharding):
         portable(shared_model, sharding.executor.name)

@@ -204,6 +204,16 @@ class Evaluator:
                        device=self.device, batch_size=self.batch_size, domain=self.domain, progress=self.progress,
                        sharding=self.sharding)
 
+    def smooth(self, sigma: float, radii: Sequence[float], alpha: float = 0.001, n: int | None = None,
+               n0: int | None = None):
+        """A SmoothingResult (randomized smoothing, probabilistic) at L2 ``radii``, seeded by the run's seed."""
+        from .api import certify
+
+        budget = {k: v for k, v in (("n", n), ("n0", n0)) if v is not None}
+        return certify(self.adapter, (self.x, self.y), method="smoothing", eps=list(radii), norm="l2",
+                       device=self.device, batch_size=self.batch_size, domain=self.domain, progress=self.progress,
+                       sigma=sigma, alpha=alpha, seed=self.seed, **budget)
+
     def noise(self, kind: str, levels: Sequence[float], draws: int):
         from .certifiers.noise import sweep
 

@@ -113,6 +113,11 @@ def compute_metrics(ev: Any, checks: Any, profile: Any) -> tuple[dict[Check, flo
             levels = sorted({c.kwargs["level"] for c in members})
             res = ev.noise(group[1], levels, group[2] or profile.draws)
             values.update({c: res.accuracy[levels.index(c.kwargs["level"])] for c in members})
+        elif group[0] == "smooth":
+            _, sigma, alpha, n, n0 = group
+            radii = sorted({c.kwargs["radius"] for c in members})
+            res = ev.smooth(sigma, radii, alpha=alpha, n=n, n0=n0)
+            values.update({c: res.certified_accuracy[radii.index(c.kwargs["radius"])] for c in members})
         elif group[0] == "clean_accuracy":
             values.update({c: ev.clean_accuracy for c in members})
         else:
@@ -132,6 +137,8 @@ def _group(c: Check) -> tuple:
         return ("cert", a["method"], a["norm"])
     if c.metric == "noise_accuracy":
         return ("noise", a["kind"], a.get("draws"))
+    if c.metric == "smoothed_certified_accuracy":
+        return ("smooth", a["sigma"], a["alpha"], a.get("n"), a.get("n0"))
     return (c.metric,)
 
 

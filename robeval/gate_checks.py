@@ -45,6 +45,10 @@ METRICS: dict[str, MetricSpec] = {
         {"kind": (str, "uniform"), "level": (float, REQUIRED), "draws": (int, None)}, ("kind", "level"), True,
         "accuracy under random noise (uniform, gaussian, pixels)"),
     "lipschitz_bound": MetricSpec({}, (), False, "global L2 Lipschitz bound of the logits (lower is better)"),
+    "smoothed_certified_accuracy": MetricSpec(
+        {"sigma": (float, REQUIRED), "radius": (float, REQUIRED), "alpha": (float, 0.001), "n": (int, None),
+         "n0": (int, None)}, ("sigma", "radius", "alpha"), True,
+        "randomized smoothing: fraction certified at L2 radius with probability >= 1 - alpha (probabilistic)"),
 }
 
 
@@ -164,7 +168,8 @@ def _check_values(args: dict[str, Any], text: str) -> None:
     from .auditor import certifier_classes, noise_kind
     from .certifiers.attacks import attack_classes
 
-    choices = {"norm": ("linf", "l2"), "method": tuple(sorted(certifier_classes())),
+    deterministic = [m for m, cls in certifier_classes().items() if not getattr(cls, "probabilistic", False)]
+    choices = {"norm": ("linf", "l2"), "method": tuple(sorted(deterministic)),
                "attack": tuple(sorted(attack_classes()))}
     for arg, valid in choices.items():
         if arg in args and args[arg] not in valid:
@@ -174,3 +179,7 @@ def _check_values(args: dict[str, Any], text: str) -> None:
             args["kind"] = noise_kind(args["kind"])
         except InvalidParameterError as exc:
             raise GateUsageError(f"check {text!r}: {exc}") from None
+    if "sigma" in args and args["sigma"] <= 0:
+        raise GateUsageError(f"check {text!r}: sigma={args['sigma']!r}; expected a noise level > 0, e.g. 0.25")
+    if "alpha" in args and not 0 < args["alpha"] < 1:
+        raise GateUsageError(f"check {text!r}: alpha={args['alpha']!r}; expected a probability in (0, 1)")

@@ -118,7 +118,7 @@ def _model(m: Any, i: int, base: Path, path: Path, top_baseline: Path | None, cl
     if m.get("split", "test") not in ("test", "train"):
         raise GateUsageError(f"{where}: split = {m['split']!r}; expected 'test' or 'train'")
     data = m["data"]
-    if data.lower() not in ("mnist", "digits"):
+    if data.lower() not in ("mnist", "digits", "cifar10", "cifar100"):
         data = str(_resolve(base, data))
     own = None if cli_baseline else _resolve(base, m.get("baseline"))
     return ModelConfig(name=m.get("name") or Path(m["path"]).stem, path=_resolve(base, m["path"]), data=data,

@@ -204,7 +204,7 @@ def test_digits_split_sizes_and_values():
 
     reference = load_digits()
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
-    assert (len(train), len(test)) == (1347, 450) and set(DATASETS) == {"mnist", "digits"}
+    assert (len(train), len(test)) == (1347, 450) and set(DATASETS) == {"mnist", "digits", "cifar10", "cifar100"}
     assert train.x.shape == (1347, 1, 8, 8) and test.x.shape == (450, 1, 8, 8)
     assert train.x.min() == 0.0 and train.x.max() == 1.0
     np.testing.assert_allclose(test.x[:, 0], reference.images[1347:] / 16, rtol=1e-7)
@@ -327,4 +327,6 @@ def test_check_against_input_shape_raises_with_hint(small):
     assert "(3, 1, 8, 8)" in message and "per sample (1, 8, 8)" in message
     assert "expects (1, 28, 28)" in message and "--data mnist" in message
     with pytest.raises(InputShapeError, match="right size, or resize"):
+        check_against_input_shape(small, (3, 16, 16))
+    with pytest.raises(InputShapeError, match="--data cifar10"):
         check_against_input_shape(small, (3, 32, 32))

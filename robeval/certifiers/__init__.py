@@ -35,4 +35,7 @@ __all__ = ["CERTIFIERS", "Certifier", "IBP", "LipschitzMargin", "get_certifier",
            "ibp_margin_bounds", "certified_radii", "pairwise_lipschitz", "Attack", "FGSM", "PGD", "APGD",
            "attack", "get_attack", "NoiseSweep", "sweep", "ConsistencyError", "GradientMaskingWarning"]
 
-from . import crown  # noqa: E402,F401  (registers crown, crown-pure, crown-ibp and best)
+from . import (  # noqa: E402
+    crown,  # noqa: F401  (registers crown, crown-pure, crown-ibp and best)
+    smoothing,  # noqa: F401  (registers smoothing: probabilistic, see smoothing.py)
+)

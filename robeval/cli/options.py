@@ -44,7 +44,9 @@ def parse_domain(text: str | None):
 def data_options(fn):
     """--data, --data-path, --split, --limit."""
 
-    @click.option("--data", "data", default=None, help="mnist, digits, or a .npz with arrays x and y "
+    @click.option("--data", "data", default=None,
+                  help="mnist, digits, cifar10, cifar100, an image folder (one sub-folder per class), "
+                  "or a .npz with arrays x and y "
                   "(default: digits for the built-in model, else mnist)")
     @click.option("--data-path", type=click.Path(), default=None,
                   help="where the data set lives (file or directory); default: $ROBEVAL_DATA, then the cache")

@@ -5,8 +5,10 @@
 >>> ds.x.shape, ds.y.shape
 ((450, 1, 8, 8), (450,))
 
-``load_dataset(spec)`` takes a built-in name (:data:`DATASETS`: "mnist", "digits") or the path of
-a user ``.npz`` with arrays ``x`` and ``y``. MNIST is looked for, in this order (first hit wins):
+``load_dataset(spec)`` takes a built-in name (:data:`DATASETS`: "mnist", "digits", "cifar10",
+"cifar100"; CIFAR is described in :mod:`robeval.data.cifar`), an image folder with one sub-folder
+per class (:mod:`robeval.data.folders`) or the path of a user ``.npz`` with arrays ``x`` and ``y``.
+MNIST is looked for, in this order (first hit wins):
 
 1. ``path=`` (the Keras ``mnist.npz``, an IDX file, or a directory holding either); when given it
    is the only place looked at;

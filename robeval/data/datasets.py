@@ -23,9 +23,10 @@ from ..errors import DataNotFoundError, DataRangeError, InputShapeError, Invalid
 from .arrays import check_layout, check_samples, check_value_range, check_values, to_images, to_labels
 from .mnist import load_mnist
 
-DATASETS = ("mnist", "digits")
+DATASETS = ("mnist", "digits", "cifar10", "cifar100")
 SPLITS = ("train", "test")
-SAMPLE_SHAPES = {"mnist": (1, 28, 28), "digits": (1, 8, 8)}  # per sample, NCHW
+SAMPLE_SHAPES = {"mnist": (1, 28, 28), "digits": (1, 8, 8),  # per sample, NCHW
+                 "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}  # per sample, NCHW
 DIGITS_TRAIN = 1347  # sklearn digits: samples [0, 1347) are "train", [1347, 1797) "test"
 
 
@@ -154,6 +155,11 @@ def load_dataset(
         if name == "mnist":
             x, y, _ = load_mnist(split, path=path, download=download)
             max_value = 255
+        elif name.startswith("cifar"):
+            from .cifar import load_cifar
+
+            x, y, _ = load_cifar(name, split, path=path, download=download)
+            max_value = 255
         else:
             x, y = _load_digits(split)
             max_value = 16
@@ -165,6 +171,12 @@ def load_dataset(
             f"path={path!r} tells robeval where to find a built-in data set ({', '.join(DATASETS)}); "
             f"for your own file pass it as the data set itself: load_dataset('data.npz')"
         )
+    if Path(spec).is_dir():
+        from .folders import load_folder
+
+        x, y, _, folder_name = load_folder(Path(spec), split)
+        images = to_images(x[:stop], f"images under {spec}", value_range, layout="NHWC")
+        return Dataset(images, to_labels(y[:stop], len(images), f"labels of {spec}"), folder_name, "NCHW", value_range)
     return _load_npz(Path(spec), split, stop, layout, value_range)
 
 

@@ -10,6 +10,7 @@ whose ``train_step`` adds the robust objective, so ``compile`` and ``fit`` work 
 - Losses: ``HKRLoss``, ``KRLoss``, ``HingeMarginLoss``, ``TauCrossEntropyLoss``; metrics ``KREstimate``,
   ``HingeMargin``, ``SignAccuracy``, ``CertifiedAccuracy``.
 - Regularisers: ``AdversarialRegularization`` (NSL-style), ``JacobianRegularization``.
+- Randomized smoothing: ``GaussianNoiseTraining`` (noise augmentation, optional consistency term).
 - Certified training: ``IBPTraining`` (``bound="ibp"`` or ``"crown-ibp"``) with the ``EpsilonScheduler``
   callback; ``ibp_margin_bounds``, ``crown_ibp_margin_bounds``, ``mixed_margin_bounds``,
   ``robust_cross_entropy``, ``IBPLoss``, ``ibp_init``, ``certified_accuracy``.
@@ -49,6 +50,7 @@ from .layers import GroupSort, MaxMin, SpectralConv2D, SpectralDense, bjorck  # 
 from .losses import HingeMarginLoss, HKRLoss, KRLoss, TauCrossEntropyLoss, hinge_margin, kr_estimate  # noqa: E402
 from .metrics import CertifiedAccuracy, HingeMargin, KREstimate, SignAccuracy, certified_radius  # noqa: E402
 from .model import RobustModel  # noqa: E402
+from .noise import GaussianNoiseTraining  # noqa: E402
 from .sandwich import LBDN, SandwichDense, SandwichLayer, cayley  # noqa: E402
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "CertifiedAccuracy",
     "EpsilonSchedule",
     "EpsilonScheduler",
+    "GaussianNoiseTraining",
     "GroupSort",
     "HKRLoss",
     "HingeMargin",

@@ -5,6 +5,7 @@
   ``lipschitz_bound()`` (a float upper bound).
 - Losses: ``HKRLoss``, ``KRLoss``, ``HingeMarginLoss``, ``TauCrossEntropyLoss``.
 - Regularisers: ``JacobianRegularizer``, ``AdversarialRegularizer``.
+- Randomized smoothing: ``GaussianNoiseLoss`` (noise augmentation, optional consistency term).
 - Certified training: ``ibp_margin_bounds``, ``crown_ibp_margin_bounds``, ``mixed_margin_bounds``,
   ``robust_cross_entropy``, ``IBPLoss`` (``bound="ibp"`` or ``"crown-ibp"``), ``ibp_init_`` with
   ``EpsilonSchedule``/``KappaSchedule``.
@@ -33,6 +34,7 @@ from .layers import (
     lipschitz_bound,
 )
 from .losses import HingeMarginLoss, HKRLoss, KRLoss, TauCrossEntropyLoss, kr_estimate
+from .noise import GaussianNoiseLoss
 from .sandwich import LBDN, SandwichLayer, SandwichLinear, cayley
 from .trainer import EpochResult, Trainer, accuracy, export_onnx, plain_model
 
@@ -40,6 +42,7 @@ __all__ = [
     "AdversarialRegularizer",
     "EpochResult",
     "EpsilonSchedule",
+    "GaussianNoiseLoss",
     "GroupSort",
     "HKRLoss",
     "HingeMarginLoss",

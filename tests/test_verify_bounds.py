@@ -70,7 +70,8 @@ def _random_parameters(rng, chain, n, lo, hi, splits_rate=0.3):
     splits, alpha, beta = {}, {}, {}
     acts = chain.net.forward(rng.uniform(lo, hi, size=(n,) + lo.shape[1:]), keep=True)
     for relu in chain.relus:
-        unstable = numpy.broadcast_to(chain.unstable(relu, {}), (n,) + chain.bounds[chain.relu_input[relu]][0].shape[1:])
+        shape = (n,) + chain.bounds[chain.relu_input[relu]][0].shape[1:]
+        unstable = numpy.broadcast_to(chain.unstable(relu, {}), shape)
         sign = numpy.where(acts[chain.relu_input[relu]] >= 0, 1.0, -1.0)
         s = numpy.where(unstable & (rng.random(unstable.shape) < splits_rate), sign, 0.0)
         splits[relu] = s
@@ -171,7 +172,8 @@ def _case(lo, hi, rows):
 
 
 def _grid_min(net, lo, hi, rows, steps=301):
-    g0, g1 = numpy.meshgrid(numpy.linspace(lo[0, 0, 0], hi[0, 0, 0], steps), numpy.linspace(lo[0, 0, 1], hi[0, 0, 1], steps))
+    axes = [numpy.linspace(lo[0, 0, i], hi[0, 0, i], steps) for i in range(2)]
+    g0, g1 = numpy.meshgrid(*axes)
     pts = numpy.stack([g0.ravel(), g1.ravel()], axis=1)[:, None, :]
     return (net.forward(pts) @ numpy.stack(rows).T).min()
 
@@ -190,7 +192,7 @@ def test_branch_and_bound_against_brute_force_on_two_inputs():
         rows = [numpy.eye(3)[y] - numpy.eye(3)[j] for j in range(3) if j != y]
         found = []
 
-        def check(point, rows=rows, net=net):
+        def check(point, rows=rows, net=net, found=found):
             value = (net.forward(point.reshape(1, 1, 2)) @ numpy.stack(rows).T).min()
             found.append(value)
             return value <= 0

@@ -85,7 +85,8 @@ def domain_lower(net, root, lo, hi, A, c, alpha=None, beta=None, splits=None, re
     for relu, s in splits.items():
         h = relu_inputs[relu]
         blo, bhi = batch.bounds[h]
-        batch.bounds[h] = (numpy.where(s > 0, numpy.maximum(blo, 0.0), blo), numpy.where(s < 0, numpy.minimum(bhi, 0.0), bhi))
+        batch.bounds[h] = (numpy.where(s > 0, numpy.maximum(blo, 0.0), blo),
+                           numpy.where(s < 0, numpy.minimum(bhi, 0.0), bhi))
     batch.lower_slopes = dict(alpha)
     batch.extra = {relu_inputs[relu]: (-numpy.maximum(b, 0.0) * splits[relu])[:, None] for relu, b in beta.items()}
     c = numpy.zeros(n) if c is None else numpy.asarray(c, dtype=numpy.float64)

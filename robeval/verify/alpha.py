@@ -88,8 +88,27 @@ class Chain:
         lo, hi = self.pre_bounds(relu, splits)
         return (lo < 0) & (hi > 0)
 
-    def evaluate(self, A, c, alpha: dict, beta: dict, splits: dict, need_grad: bool = True) -> ChainBound:
-        """The bound of c + A . f(x) (A (B, K), c (B,)) per domain, and its gradients."""
+    def lines(self, splits: dict) -> dict:
+        """Per nonlinear node: (free, al, bl, au, bu), its relaxation lines on the domains' bounds
+        (free: the unstable ReLU entries where alpha applies). They change only with the splits."""
+        out = {}
+        for node in self.nodes:
+            op = get_op(node.op)
+            if op.affine:
+                continue
+            if node.op == "relu":
+                lo, hi = self.pre_bounds(node.name, splits)
+            else:
+                lo, hi = self.bounds[node.inputs[0]]
+            al, bl, au, bu = op.relax(numpy, node, lo, hi)
+            out[node.name] = ((lo < 0) & (hi > 0) if node.op == "relu" else None, al, bl, au, bu)
+        return out
+
+    def evaluate(self, A, c, alpha: dict, beta: dict, splits: dict, need_grad: bool = True,
+                 lines: dict | None = None) -> ChainBound:
+        """The bound of c + A . f(x) (A (B, K), c (B,)) per domain, and its gradients; ``lines``:
+        ``self.lines(splits)`` when the caller has it."""
+        lines = self.lines(splits) if lines is None else lines
         n = A.shape[0]
         lam = A.reshape((n,) + self.shapes[self.net.output_name]).astype(numpy.float64)
         const = numpy.asarray(c, dtype=numpy.float64).copy()
@@ -102,14 +121,9 @@ class Chain:
                     const += (lam * bias).reshape(n, -1).sum(axis=1)
                 lam = op.linear_t(numpy, node, lam)[0]
                 continue
-            if node.op == "relu":
-                lo, hi = self.pre_bounds(node.name, splits)
-                al, bl, au, bu = op.relax(numpy, node, lo, hi)
-                if node.name in alpha:
-                    al = numpy.where((lo < 0) & (hi > 0), alpha[node.name], al)
-            else:
-                lo, hi = self.bounds[node.inputs[0]]
-                al, bl, au, bu = op.relax(numpy, node, lo, hi)
+            free, al, bl, au, bu = lines[node.name]
+            if node.name in alpha:
+                al = numpy.where(free, alpha[node.name], al)
             pos = lam >= 0
             const += numpy.where(pos, lam * bl, lam * bu).reshape(n, -1).sum(axis=1)
             saved[node.name] = (pos, al, bl, au, bu)
@@ -133,9 +147,7 @@ class Chain:
                     continue
                 pos, al, bl, au, bu = saved[node.name]
                 if node.name in alpha:
-                    lo, hi = self.pre_bounds(node.name, splits)
-                    free = pos & (lo < 0) & (hi > 0)
-                    grad_alpha[node.name] = numpy.where(free, g * lam_out[node.name], 0.0)
+                    grad_alpha[node.name] = numpy.where(pos & lines[node.name][0], g * lam_out[node.name], 0.0)
                 if node.name in beta:
                     grad_beta[node.name] = -g * splits[node.name]
                 g = numpy.where(pos, al * g + bl, au * g + bu)
@@ -180,14 +192,15 @@ def optimise(chain: Chain, A, c, alpha: dict, beta: dict, splits: dict, iteratio
     seen per domain and their (unrounded) bounds. Domains whose bound passes ``stop_at`` stop moving."""
     opt_a = Adam(alpha, lr_alpha, 0.0, 1.0)
     opt_b = Adam(beta, lr_beta, 0.0, numpy.inf) if beta else None
-    best = chain.evaluate(A, c, alpha, beta, splits, need_grad=False).bound
+    lines = chain.lines(splits)
+    best = chain.evaluate(A, c, alpha, beta, splits, need_grad=False, lines=lines).bound
     best_alpha = {k: v.copy() for k, v in alpha.items()}
     best_beta = {k: v.copy() for k, v in beta.items()}
     for _ in range(iterations):
         active = best <= stop_at
         if not active.any():
             break
-        result = chain.evaluate(A, c, opt_a.params, opt_b.params if opt_b else {}, splits)
+        result = chain.evaluate(A, c, opt_a.params, opt_b.params if opt_b else {}, splits, lines=lines)
         better = result.bound > best
         best = numpy.where(better, result.bound, best)
         for k in best_alpha:
@@ -197,7 +210,8 @@ def optimise(chain: Chain, A, c, alpha: dict, beta: dict, splits: dict, iteratio
         opt_a.step(result.grad_alpha, active)
         if opt_b:
             opt_b.step(result.grad_beta, active)
-    final = chain.evaluate(A, c, opt_a.params, opt_b.params if opt_b else {}, splits, need_grad=False).bound
+    final = chain.evaluate(A, c, opt_a.params, opt_b.params if opt_b else {}, splits, need_grad=False,
+                           lines=lines).bound
     better = final > best
     for k in best_alpha:
         best_alpha[k][better] = opt_a.params[k][better]

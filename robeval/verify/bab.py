@@ -26,13 +26,15 @@ from .bounds import domain_lower
 @dataclass
 class BabSettings:
     """batch: domains split per round (2 x batch children bounded at once); iterations: optimiser
-    steps per round; max_domains: the most open domains kept (beyond it: 'unknown')."""
+    steps per round; max_domains: the most open domains kept (beyond it: 'unknown'); candidates:
+    neurons tried per domain when choosing a split (1: the best-scored one, no trial)."""
 
     batch: int = 128
     iterations: int = 15
     root_iterations: int = 60
     intermediate_iterations: int = 30
     max_domains: int = 50_000
+    candidates: int = 3
     lr_alpha: float = 0.1
     lr_beta: float = 0.05
 
@@ -94,20 +96,33 @@ def branch_scores(chain: Chain, lam: dict, splits: dict) -> dict:
     return scores
 
 
-def choose_splits(chain: Chain, doms: Domains):
-    """(relu name, flat neuron index) per domain with the largest score; relu None where nothing is
-    left to split."""
+def choose_splits(chain: Chain, doms: Domains, candidates: int = 3):
+    """(relu index, flat neuron index) per domain; relu -1 where nothing is left to split.
+
+    Filtered smart branching (De Palma et al. 2021, as in alpha-beta-CROWN): the ``candidates``
+    neurons with the largest ``branch_scores`` are each tried, both children bounded with the
+    parent's parameters (no optimisation), and the one whose worse child is best is chosen."""
     result = chain.evaluate(doms.A, doms.c, doms.alpha, doms.beta, doms.splits, need_grad=False)
     scores = branch_scores(chain, result.lam, doms.splits)
     n = len(doms)
-    best, which, index = numpy.full(n, -0.5), numpy.full(n, -1), numpy.zeros(n, dtype=numpy.int64)
-    for i, relu in enumerate(chain.relus):
-        flat = scores[relu].reshape(n, -1)
-        j = flat.argmax(axis=1)
-        s = flat[numpy.arange(n), j]
-        better = s > best
-        best, which, index = numpy.where(better, s, best), numpy.where(better, i, which), numpy.where(better, j, index)
-    return which, index
+    flat = numpy.concatenate([scores[r].reshape(n, -1) for r in chain.relus], axis=1)
+    sizes = [scores[r][0].size for r in chain.relus]
+    offsets = numpy.cumsum([0] + sizes)
+    k = max(1, min(candidates, flat.shape[1]))
+    top = numpy.argsort(-flat, axis=1)[:, :k]  # (n, k) best first
+    valid = numpy.take_along_axis(flat, top, axis=1) >= 0
+    layer = numpy.searchsorted(offsets, top, side="right") - 1
+    neuron = top - offsets[layer]
+    if k == 1:
+        return numpy.where(valid[:, 0], layer[:, 0], -1), neuron[:, 0]
+    worst = numpy.full((n, k), -numpy.inf)
+    for j in range(k):
+        kids = children(doms, chain, layer[:, j], neuron[:, j])
+        bound = chain.evaluate(kids.A, kids.c, kids.alpha, kids.beta, kids.splits, need_grad=False).bound
+        worst[:, j] = numpy.where(valid[:, j], numpy.minimum(bound[:n], bound[n:]), -numpy.inf)
+    pick = worst.argmax(axis=1)
+    rows = numpy.arange(n)
+    return numpy.where(valid[rows, pick], layer[rows, pick], -1), neuron[rows, pick]
 
 
 def children(doms: Domains, chain: Chain, which, index) -> Domains:
@@ -147,7 +162,7 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
         order = numpy.argsort(doms.bound, kind="stable")
         pick, rest = order[:settings.batch], order[settings.batch:]
         parents = doms.take(pick)
-        which, index = choose_splits(chain, parents)
+        which, index = choose_splits(chain, parents, settings.candidates)
         if (which < 0).any():  # a domain with every neuron fixed that the bound still does not prove
             out.status = "unknown"
             return out

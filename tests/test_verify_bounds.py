@@ -81,12 +81,16 @@ def _random_parameters(rng, chain, n, lo, hi, splits_rate=0.3):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_domain_bounds_sound_for_any_alpha_beta_and_splits(seed):
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_domain_bounds_sound_for_any_alpha_beta_and_splits(seed, kind):
     """On each subdomain (the box points whose split pre-activations have the split's sign), the
     rigorous bound with random slopes, multipliers and splits is below every sampled value."""
     rng = numpy.random.default_rng(seed)
-    net = as_verification_network(random_mlp(rng, (4, 10, 10, 10, 3)))
-    lo, hi = _box(rng, net, 0.3)
+    if kind == "mlp":
+        net = as_verification_network(random_mlp(rng, (4, 10, 10, 10, 3)))
+    else:  # conv -> relu -> avgpool -> conv -> relu -> dense: a chain with convolutions
+        net = as_verification_network(random_cnn(rng, hw=6, classes=3, pool="avgpool"))
+    lo, hi = _box(rng, net, 0.3 if kind == "mlp" else 0.1)
     root = box_bounds(net, lo, hi)
     chain = Chain(net, root.bounds, lo, hi)
     n = 6

@@ -1,0 +1,24 @@
+"""Verification of general properties: specifications (``Spec``, VNN-LIB), falsification, ``verify``.
+
+>>> from robeval.verify import read_vnnlib, verify   # doctest: +SKIP
+>>> verify("net.onnx.gz", read_vnnlib("prop.vnnlib.gz"), timeout=60).status   # doctest: +SKIP
+'holds'
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# the function ``falsify`` shadows its module's name here; the module stays importable by its full name
+from .falsify import Counterexample, Replayer, falsify, replay
+from .spec import Case, Disjunct, Spec, robustness_spec
+from .vnnlib import read_vnnlib
+
+__all__ = ["Case", "Disjunct", "Spec", "robustness_spec", "read_vnnlib", "verify", "VerifyResult",
+           "falsify", "replay", "Replayer", "Counterexample"]
+
+
+def __getattr__(name):  # the verifier (and the bound computations it uses) load only when used
+    if name in ("verify", "VerifyResult"):
+        return getattr(importlib.import_module(".verifier", __name__), name)
+    raise AttributeError(f"module 'robeval.verify' has no attribute {name!r}")

@@ -53,7 +53,7 @@ from ..backend import gamma, get_xp
 from ..errors import InvalidParameterError, RobevalError, UnsupportedOpError
 from ..ir.registry import ElementwiseOp, StructuralOp, get_op
 from .base import DEFAULT_MEMORY_MB, Certifier, input_box
-from .crown_relax import Step, backward_rule, bdot, magnitude
+from .crown_relax import Step, backward_rule, bdot, magnitude, relu_slopes_rule
 from .ibp import ibp_margin_bounds
 from .spec import split_margin_head
 
@@ -210,7 +210,9 @@ def bound_targets(net) -> list[str]:
 class _Batch:
     """The bounds of one batch: the region, every node's bounds, and backward passes over them."""
 
-    def __init__(self, net, x, eps, norm, domain):
+    def __init__(self, net, x, eps, norm, domain, box=None):
+        """The region around ``x``; or, with ``box=(lo, hi)`` (arrays shaped like x, lo <= hi), that
+        exact box (norm 'linf'; x and eps are then ignored)."""
         xp = self.xp = get_xp(x)
         self.net, self.norm, self.eps = net, norm, float(eps)
         self.n = int(x.shape[0])
@@ -220,16 +222,23 @@ class _Batch:
         self.index = {node.name: i for i, node in enumerate(net.nodes)}
         self.index[net.input_name] = -1
         self.nodes = {node.name: node for node in net.nodes}
-        if norm == "linf":
+        #: alpha-CROWN lower slopes per ReLU node (B, *shape), used by every backward pass.
+        self.lower_slopes: dict = {}
+        #: coefficients (B, 1, *shape) added to lam at a node (beta-CROWN split terms, each a valid
+        #: lower bound of zero on its subdomain); set them only for the final specification pass.
+        self.extra: dict = {}
+        if box is not None:
+            lo, hi = box
+        elif norm == "linf":
             lo, hi = input_box(xp, x, eps, domain)
-            low_edge = -math.inf if domain is None else domain[0]
-            high_edge = math.inf if domain is None else domain[1]
         else:
             lo, hi = x - eps, x + eps
-            low_edge, high_edge = -math.inf, math.inf
-        # x -/+ eps rounds: widen by one unit of roundoff wherever the domain did not clip exactly
-        lo = xp.where(lo > low_edge, lo - self.u * xp.abs(lo), lo)
-        hi = xp.where(hi < high_edge, hi + self.u * xp.abs(hi), hi)
+        if box is None:
+            low_edge = -math.inf if domain is None or norm != "linf" else domain[0]
+            high_edge = math.inf if domain is None or norm != "linf" else domain[1]
+            # x -/+ eps rounds: widen by one unit of roundoff wherever the domain did not clip exactly
+            lo = xp.where(lo > low_edge, lo - self.u * xp.abs(lo), lo)
+            hi = xp.where(hi < high_edge, hi + self.u * xp.abs(hi), hi)
         self.bounds = dict(net.interval(lo, hi, keep=True))
         self._m: dict = {}
         self._bias: dict = {}
@@ -262,6 +271,9 @@ class _Batch:
             lam = lams.pop(node.name, None)
             if lam is None:
                 continue
+            if node.name in self.extra:
+                lam = lam + self.extra[node.name]
+                summed.add(node.name)
             extra = self.u * self.m(node.name) if node.name in summed else None
             if node.name == self.entry and lam.shape[0] == self.n:
                 return self.enter(node, lam, const, err, extra)  # nothing else is left: see __init__
@@ -291,6 +303,8 @@ class _Batch:
         op = get_op(node.op)
         if op.affine:
             return self.affine_step(node, op, lam)
+        if node.name in self.lower_slopes:
+            return relu_slopes_rule(self.xp, lam, *self.bounds[node.inputs[0]], self.lower_slopes[node.name])
         return backward_rule(op)(self.xp, node, lam, [self.bounds[i] for i in node.inputs])
 
     def affine_step(self, node, op, lam) -> Step:
@@ -507,6 +521,41 @@ class _Batch:
         out = xp.full((self.n, k), xp.inf, dtype=self.dtype)
         out[xp.arange(self.n)[:, None], others] = lower
         return out
+
+
+    # -- a general linear specification
+    def spec_lower(self, A, c, rows=None):
+        """Lower bounds (B, S) of A . out + c over the region, A (b, S, K) with b in {1, B}, c (B, S).
+
+        A final dense layer (W, bias) is folded in: rows A W over its input, constants A bias + c.
+        Each entry of A W and A bias is a dot product of K terms (error gamma_{K+1} |A| |W|, resp.
+        |A| |bias|), charged against the input's magnitude bound like any affine step."""
+        xp = self.xp
+        A = xp.asarray(A, dtype=self.dtype)
+        c = xp.asarray(c, dtype=self.dtype)
+        b, s, k = A.shape
+        split = split_margin_head(self.net)
+        if split.head is not None:
+            start = split.head.inputs[0]
+            weight = split.head.params["weight"]
+            bias = split.head.params.get("bias")
+            g = gamma(k + 1, self.dtype)
+            spec = xp.matmul(A, weight)  # (b, S, d)
+            err = 2 * g * bdot(xp, xp.matmul(xp.abs(A), xp.abs(weight)), self.m(start))
+            err = xp.broadcast_to(err, (self.n, s))
+            const = c if bias is None else c + xp.matmul(A, bias)
+            if bias is not None:
+                err = err + 2 * g * xp.broadcast_to(xp.matmul(xp.abs(A), xp.abs(bias)), (self.n, s))
+            const = xp.broadcast_to(const, (self.n, s))
+            err = err + 2 * self.u * xp.abs(const)
+            spec = spec.reshape((b, s) + self.shapes[start])
+        else:
+            start = self.net.output_name
+            spec, const = A.reshape((b, s) + self.shapes[start]), xp.broadcast_to(c, (self.n, s))
+            err = xp.zeros((self.n, s), dtype=self.dtype)
+        rows = rows or s
+        return xp.concatenate([self.backward(start, spec[:, r:r + rows], const[:, r:r + rows], err[:, r:r + rows])
+                               for r in range(0, s, rows)], axis=1)
 
 
 def _owns(a) -> bool:

@@ -115,7 +115,20 @@ def apply_lines(xp, lam, al, bl, au, bu, m, slack=0.0):
 def elementwise_rule(xp, node, lam, bounds):
     """Any op with a ``relax`` rule; ``line_slack`` covers the rounding of its lines."""
     lo, hi = bounds[0]
-    al, bl, au, bu = get_op(node.op).relax(xp, node, lo, hi)
+    return lines_rule(xp, lam, get_op(node.op).relax(xp, node, lo, hi), lo, hi)
+
+
+def relu_slopes_rule(xp, lam, lo, hi, alpha):
+    """ReLU with the lower slope ``alpha`` (clipped to [0, 1]) on unstable entries (alpha-CROWN):
+    alpha x <= relu(x) for every x when 0 <= alpha <= 1, so any alpha is sound."""
+    al, bl, au, bu = get_op("relu").relax(xp, None, lo, hi)
+    al = xp.where((lo < 0) & (hi > 0), xp.clip(alpha, 0.0, 1.0), al)
+    return lines_rule(xp, lam, (al, bl, au, bu), lo, hi)
+
+
+def lines_rule(xp, lam, lines, lo, hi):
+    """Backward through elementwise lines valid on [lo, hi], widened by ``line_slack``."""
+    al, bl, au, bu = lines
     m = magnitude(xp, lo, hi)
     slack = line_slack(xp, xp.maximum(xp.abs(al), xp.abs(au)) * m + xp.maximum(xp.abs(bl), xp.abs(bu)))
     return apply_lines(xp, lam, al, bl, au, bu, m, slack)

@@ -1,0 +1,265 @@
+"""alpha-CROWN / beta-CROWN parameter search on chain networks, with exact gradients and no torch.
+
+A chain is a network whose nodes each read the previous node only (flatten, dense, conv, relu, ...,
+dense): the mnist_fc and most VNN-COMP MLP/CNN benchmarks. For a fixed choice of the free
+parameters, the CROWN bound of one specification row c + a . f(x) over a box is
+
+    bound = const + lam_0 . centre - |lam_0| . radius,
+
+built backwards: through an affine op lam_in = L^T lam (const += lam . bias); through an elementwise
+op with lines al x + bl <= f(x) <= au x + bu, lam_in = (lam >= 0 ? al : au) lam (const += lam+ bl +
+lam- bu). The free parameters are the lower slopes al = alpha in [0, 1] of unstable ReLUs
+(alpha-CROWN, Xu et al. 2021) and, on a branch-and-bound subdomain where some pre-activations h_j
+are fixed to a sign s_j, multipliers beta_j >= 0 of the valid terms -beta_j s_j h_j >= ... (added to
+lam at h; beta-CROWN, Wang et al. 2021).
+
+With the sign pattern of every lam fixed, the bound is linear in each lam, and its derivative with
+respect to the coefficients at a node is the "signal" obtained by pushing the box corner that
+minimises the last step (x* = lo where lam_0 > 0, else hi) forwards through the chosen lines. So one
+backward and one forward pass give the bound and its exact (sub)gradient in every alpha and beta.
+
+These bounds are computed without rounding terms and serve only to choose parameters; the verdict
+always comes from ``robeval.verify.bounds`` (rigorous) with the chosen parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from ..ir.registry import ElementwiseOp, get_op
+
+
+class NotAChain(ValueError):
+    """The network has a node with several inputs or consumers, or an op the chain engine lacks."""
+
+
+def chain_nodes(net) -> list:
+    """The nodes of ``net`` in order when it is a chain of affine and elementwise ops, else NotAChain."""
+    previous = net.input_name
+    for node in net.nodes:
+        op = get_op(node.op)
+        fanout = len(net.consumers(previous))
+        if fanout != 1:
+            raise NotAChain(f"node '{previous}' feeds {fanout} nodes")
+        if list(node.inputs) != [previous]:
+            raise NotAChain(f"node '{node.name}' does not read only the node before it")
+        if not op.affine and not (isinstance(op, ElementwiseOp) and hasattr(op, "relax")):
+            raise NotAChain(f"op '{node.op}' (node '{node.name}') has no chain rule")
+        previous = node.name
+    return list(net.nodes)
+
+
+@dataclass
+class ChainBound:
+    """Bounds (B,) and exact gradients of one evaluation; ``lam`` at each ReLU output (for branching)
+    and ``corner`` the input point (B, D) that attains the last step's minimum."""
+
+    bound: numpy.ndarray
+    grad_alpha: dict
+    grad_beta: dict
+    lam: dict
+    corner: numpy.ndarray
+
+
+class Chain:
+    """The chain engine over fixed node bounds (from the rigorous engine, B = 1 or per domain)."""
+
+    def __init__(self, net, bounds: dict, lo, hi):
+        self.net = net
+        self.nodes = chain_nodes(net)
+        self.bounds = bounds  # node name -> (lo, hi), each (b, *shape) with b in {1, B}
+        self.lo = numpy.asarray(lo, dtype=numpy.float64).reshape(lo.shape[0], -1)
+        self.hi = numpy.asarray(hi, dtype=numpy.float64).reshape(hi.shape[0], -1)
+        self.relus = [n.name for n in self.nodes if n.op == "relu"]
+        self.relu_input = {n.name: n.inputs[0] for n in self.nodes if n.op == "relu"}
+        self.shapes = net.shapes()
+        self._bias = {n.name: get_op(n.op).bias(numpy, n) for n in self.nodes if get_op(n.op).affine}
+
+    def pre_bounds(self, relu, splits):
+        """(lo, hi) of the ReLU's input with the subdomain's splits applied (s = +1: h >= 0, -1: h <= 0)."""
+        lo, hi = self.bounds[self.relu_input[relu]]
+        s = splits.get(relu)
+        if s is None:
+            return lo, hi
+        return numpy.where(s > 0, numpy.maximum(lo, 0.0), lo), numpy.where(s < 0, numpy.minimum(hi, 0.0), hi)
+
+    def unstable(self, relu, splits):
+        lo, hi = self.pre_bounds(relu, splits)
+        return (lo < 0) & (hi > 0)
+
+    def lines(self, splits: dict) -> dict:
+        """Per nonlinear node: (free, al, bl, au, bu), its relaxation lines on the domains' bounds
+        (free: the unstable ReLU entries where alpha applies). They change only with the splits."""
+        out = {}
+        for node in self.nodes:
+            op = get_op(node.op)
+            if op.affine:
+                continue
+            if node.op == "relu":
+                lo, hi = self.pre_bounds(node.name, splits)
+            else:
+                lo, hi = self.bounds[node.inputs[0]]
+            al, bl, au, bu = op.relax(numpy, node, lo, hi)
+            out[node.name] = ((lo < 0) & (hi > 0) if node.op == "relu" else None, al, bl, au, bu)
+        return out
+
+    def evaluate(self, A, c, alpha: dict, beta: dict, splits: dict, need_grad: bool = True,
+                 lines: dict | None = None) -> ChainBound:
+        """The bound of c + A . f(x) (A (B, K), c (B,)) per domain, and its gradients; ``lines``:
+        ``self.lines(splits)`` when the caller has it."""
+        lines = self.lines(splits) if lines is None else lines
+        n = A.shape[0]
+        lam = A.reshape((n,) + self.shapes[self.net.output_name]).astype(numpy.float64)
+        const = numpy.asarray(c, dtype=numpy.float64).copy()
+        saved, lam_out = {}, {}
+        for node in reversed(self.nodes):
+            op = get_op(node.op)
+            if op.affine:
+                bias = self._bias[node.name]
+                if bias is not None:
+                    const += (lam * bias).reshape(n, -1).sum(axis=1)
+                lam = op.linear_t(numpy, node, lam)[0]
+                continue
+            free, al, bl, au, bu = lines[node.name]
+            if node.name in alpha:
+                al = numpy.where(free, alpha[node.name], al)
+            pos = lam >= 0
+            const += numpy.where(pos, lam * bl, lam * bu).reshape(n, -1).sum(axis=1)
+            saved[node.name] = (pos, al, bl, au, bu)
+            lam_out[node.name] = lam
+            lam = numpy.where(pos, al, au) * lam
+            if node.name in beta:
+                lam = lam - beta[node.name] * splits[node.name]
+        flat = lam.reshape(n, -1)
+        corner = numpy.where(flat > 0, self.lo, self.hi)
+        bound = const + (flat * corner).sum(axis=1)
+        grad_alpha, grad_beta = {}, {}
+        if need_grad:
+            g = corner.reshape((n,) + tuple(self.net.input_shape))
+            for node in self.nodes:
+                op = get_op(node.op)
+                if op.affine:
+                    g = op.linear(numpy, node, g)
+                    bias = self._bias[node.name]
+                    if bias is not None:
+                        g = g + bias
+                    continue
+                pos, al, bl, au, bu = saved[node.name]
+                if node.name in alpha:
+                    grad_alpha[node.name] = numpy.where(pos & lines[node.name][0], g * lam_out[node.name], 0.0)
+                if node.name in beta:
+                    grad_beta[node.name] = -g * splits[node.name]
+                g = numpy.where(pos, al * g + bl, au * g + bu)
+        return ChainBound(bound, grad_alpha, grad_beta, lam_out, corner)
+
+
+class Adam:
+    """Projected Adam ascent on a dict of arrays (alpha clipped to [0, 1], beta to >= 0)."""
+
+    def __init__(self, params: dict, lr: float, low: float, high: float):
+        self.params, self.lr, self.low, self.high = params, lr, low, high
+        self.m = {k: numpy.zeros_like(v) for k, v in params.items()}
+        self.v = {k: numpy.zeros_like(v) for k, v in params.items()}
+        self.t = 0
+
+    def step(self, grads: dict, active=None):
+        self.t += 1
+        b1, b2 = 0.9, 0.999
+        for k, g in grads.items():
+            if active is not None:
+                g = g * active.reshape((-1,) + (1,) * (g.ndim - 1))
+            self.m[k] = b1 * self.m[k] + (1 - b1) * g
+            self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
+            mh = self.m[k] / (1 - b1 ** self.t)
+            vh = self.v[k] / (1 - b2 ** self.t)
+            self.params[k] = numpy.clip(self.params[k] + self.lr * mh / (numpy.sqrt(vh) + 1e-8), self.low, self.high)
+
+
+def initial_alpha(chain: Chain, n: int, splits: dict) -> dict:
+    """CROWN's adaptive slopes (1 where hi > -lo, else 0) as the starting point, per domain."""
+    alpha = {}
+    for relu in chain.relus:
+        lo, hi = chain.pre_bounds(relu, splits)
+        lo, hi = numpy.broadcast_to(lo, (n,) + lo.shape[1:]), numpy.broadcast_to(hi, (n,) + hi.shape[1:])
+        alpha[relu] = (hi > -lo).astype(numpy.float64)
+    return alpha
+
+
+def optimise(chain: Chain, A, c, alpha: dict, beta: dict, splits: dict, iterations: int = 20,
+             lr_alpha: float = 0.1, lr_beta: float = 0.05, stop_at: float = 0.0):
+    """Maximise the chain bound over alpha (and beta) by projected Adam; returns the best parameters
+    seen per domain and their (unrounded) bounds. Domains whose bound passes ``stop_at`` stop moving."""
+    opt_a = Adam(alpha, lr_alpha, 0.0, 1.0)
+    opt_b = Adam(beta, lr_beta, 0.0, numpy.inf) if beta else None
+    lines = chain.lines(splits)
+    best = chain.evaluate(A, c, alpha, beta, splits, need_grad=False, lines=lines).bound
+    best_alpha = {k: v.copy() for k, v in alpha.items()}
+    best_beta = {k: v.copy() for k, v in beta.items()}
+    for _ in range(iterations):
+        active = best <= stop_at
+        if not active.any():
+            break
+        result = chain.evaluate(A, c, opt_a.params, opt_b.params if opt_b else {}, splits, lines=lines)
+        better = result.bound > best
+        best = numpy.where(better, result.bound, best)
+        for k in best_alpha:
+            best_alpha[k][better] = opt_a.params[k][better]
+        for k in best_beta:
+            best_beta[k][better] = opt_b.params[k][better]
+        opt_a.step(result.grad_alpha, active)
+        if opt_b:
+            opt_b.step(result.grad_beta, active)
+    final = chain.evaluate(A, c, opt_a.params, opt_b.params if opt_b else {}, splits, need_grad=False,
+                           lines=lines).bound
+    better = final > best
+    for k in best_alpha:
+        best_alpha[k][better] = opt_a.params[k][better]
+    for k in best_beta:
+        best_beta[k][better] = opt_b.params[k][better]
+    return best_alpha, best_beta, numpy.maximum(best, final)
+
+
+__all__ = ["Chain", "ChainBound", "NotAChain", "chain_nodes", "initial_alpha", "optimise"]
+
+
+def tighten_intermediate(net, root, lo, hi, iterations: int = 20, deadline: float | None = None,
+                         lr: float = 0.1) -> int:
+    """alpha-CROWN intermediate bounds: for each ReLU input after the first, the bounds of its
+    unstable neurons with slopes optimised per neuron and bound, computed by the rigorous engine on
+    the network's prefix and intersected with ``root``'s bounds (in place, layer by layer, so later
+    layers use the tighter ones). Returns how many neurons became stable."""
+    import time
+
+    from .bounds import domain_lower
+
+    chain = Chain(net, root.bounds, lo, hi)
+    stabilised = 0
+    for relu in chain.relus[1:]:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        h = chain.relu_input[relu]
+        blo, bhi = root.bounds[h]
+        flat_lo, flat_hi = blo.reshape(-1), bhi.reshape(-1)
+        idx = numpy.nonzero((flat_lo < 0) & (flat_hi > 0))[0]
+        if not len(idx):
+            continue
+        prefix = net.prefix(h)
+        sub = Chain(prefix, root.bounds, lo, hi)
+        k, size = len(idx), flat_lo.size
+        A = numpy.zeros((2 * k, size))
+        A[numpy.arange(k), idx] = 1.0
+        A[k + numpy.arange(k), idx] = -1.0
+        zeros = numpy.zeros(2 * k)
+        alpha, _, _ = optimise(sub, A, zeros, initial_alpha(sub, 2 * k, {}), {}, {}, iterations, lr)
+        low = domain_lower(prefix, root, lo, hi, A, zeros, alpha, relu_inputs=sub.relu_input)
+        new_lo, new_hi = flat_lo.copy(), flat_hi.copy()
+        new_lo[idx] = numpy.maximum(new_lo[idx], low[:k])
+        new_hi[idx] = numpy.minimum(new_hi[idx], -low[k:])
+        stabilised += int(((new_lo[idx] >= 0) | (new_hi[idx] <= 0)).sum())
+        root.bounds[h] = (new_lo.reshape(blo.shape), new_hi.reshape(bhi.shape))
+        rlo, rhi = root.bounds[relu]
+        root.bounds[relu] = (numpy.maximum(rlo, numpy.maximum(root.bounds[h][0], 0.0)),
+                             numpy.minimum(rhi, numpy.maximum(root.bounds[h][1], 0.0)))
+        root._m.clear()
+    return stabilised

@@ -1,0 +1,103 @@
+"""Prove one case of a specification: no point of its input box satisfies any of its disjuncts.
+
+A disjunct (rows a_r . y <= b_r, all at once) is impossible on the box when one of its rows is: when
+a sound lower bound of a_r . f(x) - b_r is > 0 (>= 0 for a strict row). Stages, each on the rows the
+previous one left open: CROWN; alpha-CROWN (slopes optimised per row); branch and bound with
+beta-CROWN (``robeval.verify.bab``). alpha and BaB need a chain network (``robeval.verify.alpha``);
+other networks stop after CROWN with 'unknown'. Every verdict comes from the rigorous engine."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy
+
+from .alpha import Chain, NotAChain, initial_alpha, optimise, tighten_intermediate
+from .bab import BabSettings, Domains, run_bab
+from .bounds import as_verification_network, box_bounds, domain_lower, spec_lower
+
+
+def _rows(case):
+    """Every row of every disjunct: A (R, K), c = -b (R,), strict (R,), disjunct index (R,)."""
+    A, c, strict, owner = [], [], [], []
+    for d, dis in enumerate(case.disjuncts):
+        A.append(numpy.asarray(dis.A, dtype=numpy.float64))
+        c.append(-numpy.asarray(dis.b, dtype=numpy.float64))
+        strict.append(numpy.asarray(dis.strict, dtype=bool))
+        owner.append(numpy.full(len(dis.b), d))
+    return numpy.concatenate(A), numpy.concatenate(c), numpy.concatenate(strict), numpy.concatenate(owner)
+
+
+def _proven(lower, strict):
+    return (lower > 0) | (strict & (lower >= 0))
+
+
+def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabSettings | None = None,
+               progress=None) -> tuple[str, dict]:
+    """('unsat' | 'sat' | 'unknown' | 'timeout', details) for one case (``deadline``: a
+    ``time.perf_counter()`` value). 'sat' only when ``check(x)`` (a replay of the candidate point
+    ``x``, flat) accepted a point found during branch and bound; details then hold it under 'x'.
+
+    details: 'stage' that decided, 'rows' and 'proven' per stage, BaB 'rounds' and 'domains'."""
+    settings = settings or BabSettings()
+    start = time.perf_counter()
+    net = as_verification_network(net)
+    shape = (1,) + tuple(net.input_shape)
+    lo = numpy.asarray(case.lo, dtype=numpy.float64).reshape(shape)
+    hi = numpy.asarray(case.hi, dtype=numpy.float64).reshape(shape)
+    A, c, strict, owner = _rows(case)
+    details = {"rows": int(len(c)), "disjuncts": len(case.disjuncts)}
+    root = box_bounds(net, lo, hi)
+    lower = spec_lower(root, A, c)[0]
+    proven_rows = _proven(lower, strict)
+    details["crown_proven_rows"] = int(proven_rows.sum())
+
+    def open_disjuncts():
+        done = numpy.zeros(len(case.disjuncts), dtype=bool)
+        numpy.logical_or.at(done, owner, proven_rows)
+        return numpy.nonzero(~done)[0]
+
+    todo = open_disjuncts()
+    if not len(todo):
+        return "unsat", {**details, "stage": "crown", "time": time.perf_counter() - start}
+    try:
+        chain = Chain(net, root.bounds, lo, hi)
+    except NotAChain as exc:
+        details["note"] = f"alpha-CROWN and branch and bound need a chain network: {exc}"
+        return "unknown", {**details, "stage": "crown", "time": time.perf_counter() - start}
+    if time.perf_counter() > deadline:
+        return "timeout", {**details, "stage": "crown", "time": time.perf_counter() - start}
+    # alpha-CROWN: intermediate bounds first (they limit everything after), then the open rows
+    details["stabilised"] = tighten_intermediate(net, root, lo, hi, settings.intermediate_iterations, deadline,
+                                                 settings.lr_alpha)
+    chain = Chain(net, root.bounds, lo, hi)
+    rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
+    alpha = initial_alpha(chain, len(rows), {})
+    alpha, _, _ = optimise(chain, A[rows], c[rows], alpha, {}, {}, settings.root_iterations, settings.lr_alpha)
+    lower_a = domain_lower(net, root, lo, hi, A[rows], c[rows], alpha, relu_inputs=chain.relu_input)
+    proven_rows[rows] = _proven(lower_a, strict[rows])
+    details["alpha_proven_rows"] = int(proven_rows.sum())
+    todo = open_disjuncts()
+    if not len(todo):
+        return "unsat", {**details, "stage": "alpha-crown", "time": time.perf_counter() - start}
+    # BaB on one row per open disjunct: the row whose alpha bound is the largest
+    picks, keep = [], numpy.nonzero(numpy.isin(rows, numpy.nonzero(numpy.isin(owner, todo))[0]))[0]
+    for d in todo:
+        mine = keep[owner[rows[keep]] == d]
+        picks.append(mine[numpy.argmax(lower_a[mine])])
+    picks = numpy.asarray(picks)
+    sel = rows[picks]
+    zeros = {relu: numpy.zeros((len(sel),) + root.bounds[chain.relu_input[relu]][0].shape[1:]) for relu in chain.relus}
+    doms = Domains(A[sel], c[sel], sel, zeros, {k: v[picks] for k, v in alpha.items()},
+                   {k: v.copy() for k, v in zeros.items()}, lower_a[picks])
+    doms.splits = {k: v.copy() for k, v in zeros.items()}
+    outcome = run_bab(net, chain, root, lo, hi, doms, deadline, settings, strict, check, progress)
+    details.update(stage="bab", rounds=outcome.rounds, domains=outcome.domains_bounded, max_open=outcome.max_open,
+                   time=time.perf_counter() - start)
+    if outcome.status == "sat":
+        details["x"] = outcome.counterexample
+    return outcome.status, details
+
+
+__all__ = ["prove_case"]

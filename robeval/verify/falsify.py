@@ -59,14 +59,17 @@ class Replayer:
     Args:
         model: the ONNX file (path to ``.onnx`` / ``.onnx.gz``) or ``onnx.ModelProto`` the network was
             imported from, with its input in the network's layout (``load_onnx(..., channels_last=False)``);
-            None when the network itself is the model (its own dtype then plays the file's part).
+            an adapter (its ``predict`` plays the file's part, in the network's dtype); or None when
+            the network itself is the model (its own dtype then plays the file's part).
         net: the robeval Network; flat points are reshaped row-major to ``net.input_shape``.
     """
 
     def __init__(self, model: Any, net: Network):
         self.net = net
         self.net64 = net if net.dtype == numpy.float64 else net.astype(numpy.float64)
-        self.session = None if model is None else _session(model)
+        native = model is not None and hasattr(model, "predict") and hasattr(model, "to_network")
+        self.session = _session(model) if model is not None and not native else None
+        self.predict = model.predict if native else net.forward  # the file's part when there is no session
         if self.session is None:
             self.dtype = numpy.dtype(net.dtype)
         else:
@@ -81,7 +84,7 @@ class Replayer:
         y64 = numpy.asarray(self.net64.forward(x)).reshape(len(x), -1)
         xf = x.astype(self.dtype)
         if self.session is None:
-            y = numpy.asarray(self.net.forward(xf))
+            y = numpy.asarray(self.predict(xf))
         else:
             step = self._fixed or len(x)
             parts = []
@@ -156,7 +159,7 @@ def falsify(net: Network, case: Case, *, model: Any = None, restarts: int = 10, 
         restarts: random starts per disjunct (the first starts at the box centre).
         steps: APGD iterations.
         seed: seed of the random starts.
-        deadline: ``time.monotonic()`` value at which to give up.
+        deadline: ``time.perf_counter()`` value at which to give up (as ``prove_case``).
         replayer: a ``Replayer`` to reuse (its onnxruntime session), instead of ``model``.
         max_replays: candidates replayed per iteration at most (the most violating first).
     """
@@ -198,7 +201,7 @@ class _Search:
         self.tried: set[tuple[bytes, int]] = set()
 
     def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return self.deadline is not None and time.perf_counter() >= self.deadline
 
     def margins(self, x, which):
         """(N,) objective and (N,) index of the maximal row, from the network in its own dtype."""

@@ -135,7 +135,7 @@ class Case:
         bad = numpy.flatnonzero(lo > hi)
         if bad.size:
             i = int(bad[0])
-            raise InvalidParameterError(f"the box is empty: lo[{i}] = {lo[i]!r} > hi[{i}] = {hi[i]!r} "
+            raise InvalidParameterError(f"the box is empty: lo[{i}] = {float(lo[i])!r} > hi[{i}] = {float(hi[i])!r} "
                                         f"({bad.size} such input(s)); every input needs lo <= hi")
         disjuncts = tuple(self.disjuncts)
         if not disjuncts or not all(isinstance(d, Disjunct) for d in disjuncts):

@@ -334,3 +334,13 @@ def test_shared_mnist_fc_through_the_cli(tmp_path):
     for r in csv.reader(out.open()):
         # the first two instances: prop_0_0.03 (unsat) and prop_1_0.03 (sat) for mnist-net_256x2
         assert r[4] == ref[(r[1], r[2])], r
+
+
+def test_importing_the_verifier_imports_no_framework():
+    code = ("import sys, robeval, robeval.verify, robeval.verify.verifier, robeval.verify.vnncomp, robeval.cli; "
+            "robeval.verify.read_vnnlib('(declare-const X_0 Real)(declare-const Y_0 Real)"
+            "(assert (>= X_0 0))(assert (<= X_0 1))(assert (<= Y_0 0))'); "
+            "print(','.join(m for m in ('torch', 'tensorflow', 'keras', 'onnx', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert out.stdout.strip() == "", f"importing robeval.verify pulled in {out.stdout.strip()}"

@@ -71,7 +71,7 @@ def read_model(model: Any):
         if not os.path.isfile(path):
             raise ModelLoadError(f"no such file: {source}; check the path")
         try:
-            proto = onnx.load_from_string(_read_bytes(path)) if is_gzip(path) else onnx.load(path)
+            proto = onnx.load_from_string(gunzip_file(path)) if is_gzip(path) else onnx.load(path)
         except ModelLoadError:
             raise
         except Exception as exc:
@@ -93,7 +93,7 @@ def is_gzip(path) -> bool:
         return fh.read(2) == b"\x1f\x8b"
 
 
-def _read_bytes(path: str) -> bytes:
+def gunzip_file(path: str) -> bytes:
     """The decompressed content of a gzip file, with a clear error for a truncated or corrupt one."""
     import gzip
     import zlib

@@ -116,12 +116,12 @@ def _session(model: Any):
         raise ModelLoadError("replaying counterexamples on the ONNX file needs onnxruntime: "
                              "pip install onnxruntime") from exc
     if isinstance(model, (str, os.PathLike)):
-        from ..adapters.onnx import _read_bytes, is_gzip
+        from ..adapters.onnx import gunzip_file, is_gzip
 
         path = os.fspath(model)
         if not os.path.isfile(path):
             raise ModelLoadError(f"no such file: '{path}'; check the path")
-        blob = _read_bytes(path) if is_gzip(path) else path
+        blob = gunzip_file(path) if is_gzip(path) else path
     else:
         blob = model.SerializeToString()
     options = onnxruntime.SessionOptions()

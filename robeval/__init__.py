@@ -21,7 +21,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "certify", "attack", "sweep", "audit", "load_model", "load_dataset", "Network", "Node",
+    "__version__", "certify", "attack", "sweep", "audit", "verify", "load_model", "load_dataset", "Network", "Node",
     "RobevalError", "InvalidParameterError", "InputShapeError", "DataRangeError", "DataNotFoundError",
     "ModelLoadError", "UnsupportedOpError",
 ]
@@ -40,6 +40,10 @@ def __getattr__(name):  # lazy re-exports keep `import robeval` light
         from . import certifiers
 
         return getattr(certifiers, name)
+    if name == "verify":  # the subpackage, callable as robeval.verify.verify(model, spec, ...)
+        import importlib
+
+        return importlib.import_module(".verify", __name__)
     if name == "load_model":
         from .adapters.base import load_model
 

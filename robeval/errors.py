@@ -63,3 +63,15 @@ class BackendError(RobevalError):
 
 class FidelityError(RobevalError):
     """Native model outputs and the converted network's outputs disagree."""
+
+
+class SpecError(RobevalError, ValueError):
+    """A verification specification (e.g. a VNN-LIB file) is malformed or unsupported; names the file,
+    line and column when it comes from a file."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None, column: int | None = None):
+        self.message, self.file, self.line, self.column = message, file, line, column
+        where = file or ""
+        if line is not None:
+            where += f"{':' if where else 'line '}{line}" + (f":{column}" if column is not None else "")
+        super().__init__(f"{where}: {message}" if where else message)

@@ -54,7 +54,8 @@ class NetworkModel:
 
 
 def sniff_format(path: Path) -> str:
-    """'onnx', 'keras' (zip with config.json), 'h5', 'torchscript' / 'pt2' / 'torch' (zip archives)."""
+    """'onnx' (also gzip-compressed), 'keras' (zip with config.json), 'h5', 'torchscript' / 'pt2' /
+    'torch' (zip archives)."""
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
@@ -76,6 +77,18 @@ def sniff_format(path: Path) -> str:
                for n in names) or any("archive_format" in n for n in names):
             return "pt2"
         return "torch"
+    if head.startswith(b"\x1f\x8b"):  # gzip: VNN-COMP ships ONNX nets as .onnx.gz
+        import gzip
+
+        try:
+            with gzip.open(path, "rb") as fh:
+                inner = fh.read(1)
+        except (OSError, EOFError) as exc:
+            raise ModelLoadError(f"{path}: looks gzip-compressed but cannot be decompressed ({exc})") from exc
+        if path.name.lower().endswith(".onnx.gz") or inner == b"\x08":
+            return "onnx"
+        raise ModelLoadError(f"{path}: a gzip-compressed file that is not an ONNX model (first byte {inner!r}); "
+                             "robeval reads gzip-compressed ONNX (.onnx.gz) only: decompress other models first")
     if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":
         return "onnx"
     raise ModelLoadError(f"{path}: unknown model format (first bytes {head!r}); expected an ONNX, Keras "

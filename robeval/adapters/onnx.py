@@ -38,7 +38,7 @@ def load_onnx(model: Any, input_shape: tuple[int, ...] | None = None, channels_l
     """Convert an ONNX model (a path or an ``onnx.ModelProto``) into a robeval Network.
 
     Args:
-        model: path to a ``.onnx`` file, or a loaded ModelProto.
+        model: path to a ``.onnx`` (or gzip-compressed ``.onnx.gz``) file, or a loaded ModelProto.
         input_shape: per-sample shape of the ONNX input as the file declares it (no batch axis);
             needed only when it has symbolic dimensions beyond the batch axis, checked otherwise.
         channels_last: None (auto) gives a network taking NCHW inputs when the model takes NHWC
@@ -71,7 +71,9 @@ def read_model(model: Any):
         if not os.path.isfile(path):
             raise ModelLoadError(f"no such file: {source}; check the path")
         try:
-            proto = onnx.load(path)
+            proto = onnx.load_from_string(gunzip_file(path)) if is_gzip(path) else onnx.load(path)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"{source} is not a valid ONNX model ({type(exc).__name__}: {exc}); "
                                  "re-export it or check that the file is complete") from exc
@@ -83,6 +85,25 @@ def read_model(model: Any):
     if opset < MIN_OPSET:
         proto = convert_opset(proto, opset, source)
     return proto, source
+
+
+def is_gzip(path) -> bool:
+    """Whether a file starts with the gzip magic bytes (VNN-COMP ships its nets as ``.onnx.gz``)."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def gunzip_file(path: str) -> bytes:
+    """The decompressed content of a gzip file, with a clear error for a truncated or corrupt one."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ModelLoadError(f"'{path}' is gzip-compressed but cannot be decompressed ({exc}); "
+                             "check that the file is complete") from exc
 
 
 #: metadata key recording the opset a model had before ``convert_opset`` upgraded it.
@@ -388,7 +409,7 @@ class OnnxModel:
 
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3
-            blob = self.path if self.path else self._proto.SerializeToString()
+            blob = self.path if self.path and not is_gzip(self.path) else self._proto.SerializeToString()
             self._session = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         return self._session
 

@@ -11,6 +11,7 @@ from .certify import certify
 from .demo import demo
 from .gate import gate
 from .info import info
+from .verify import verify, vnncomp
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,5 +27,7 @@ main.add_command(sweep)
 main.add_command(audit)
 main.add_command(gate)
 main.add_command(demo)
+main.add_command(verify)
+main.add_command(vnncomp)
 
 __all__ = ["main"]

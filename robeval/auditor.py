@@ -240,7 +240,7 @@ def load_data(adapter: Any, data: Any, limit: int | None, split: str = "test", d
     from .data import Dataset, check_against_input_shape, load_dataset
 
     if isinstance(data, str):
-        data = load_dataset(data, split=split, limit=limit, path=data_path)
+        data = load_dataset(data, split=split, limit=limit, path=data_path, input_shape=tuple(adapter.input_shape))
         limit = None
     if isinstance(data, Dataset):
         ds = data.subset(limit) if limit else data

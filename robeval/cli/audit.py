@@ -63,7 +63,7 @@ def render_summary(report) -> list[str]:
 @executor_options
 @reports_errors
 def audit(model, profile, norm, eps_text, domain_text, out_dir, class_path, trust_pickle, input_shape, sigma_text,
-          n_draws, n0, alpha, radii_text, data, data_path, split, limit, device, batch_size, seed, json_path,
+          n_draws, n0, alpha, radii_text, data, data_path, split, limit, layout, device, batch_size, seed, json_path,
           progress, scale):
     """Audit MODEL (the built-in digits model when omitted): clean accuracy, random noise,
     FGSM/PGD/APGD, IBP/CROWN/Lipschitz certificates where the model allows, consistency and
@@ -78,7 +78,7 @@ def audit(model, profile, norm, eps_text, domain_text, out_dir, class_path, trus
     radii = parse_floats(radii_text, "--radii") if radii_text else None
     prof = get_profile(profile)
     adapter, label = load_model_arg(model, class_path, trust_pickle, input_shape)
-    x, y, data_name = load_data_arg(adapter, data, data_path, split, limit or prof.limit, model is None)
+    x, y, data_name = load_data_arg(adapter, data, data_path, split, limit or prof.limit, model is None, layout)
     report = audit_api(adapter, (x, y), profile=prof, eps=eps_values, norm=norm, seed=seed, device=device,
                        batch_size=batch_size, domain=parse_domain(domain_text), progress=progress, label=label,
                        data_name=data_name, sigma=sigma, smoothing_n=n_draws, smoothing_n0=n0,

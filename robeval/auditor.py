@@ -1,6 +1,7 @@
 """``audit``: one robustness report for a model — clean accuracy, random noise, FGSM/PGD/APGD at
 several radii, IBP/CROWN/Lipschitz certificates where the model allows them, the certificate-vs-attack
-consistency check and the gradient-masking warnings.
+consistency check and the gradient-masking warnings; with ``sigma=``, randomized-smoothing
+certificates too, kept apart as probabilistic.
 
 The ``Evaluator`` computes each of these on demand and caches nothing but the model, the data and
 the clean predictions; ``robeval gate`` uses it to compute only the metrics its checks need.
@@ -11,6 +12,7 @@ the clean predictions; ``robeval gate`` uses it to compute only the metrics its 
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -47,6 +49,9 @@ class Profile:
     certifiers: tuple[str, ...]
     masking_checks: tuple[str, ...]  # attacks whose results get the gradient-masking checks
     examples: int = 6
+    smoothing_n: int = 1000  # randomized smoothing (only with sigma=): estimation draws per sample
+    smoothing_n0: int = 100  # selection draws per sample
+    smoothing_alpha: float = 0.001  # failure probability
 
 
 PROFILES: dict[str, Profile] = {
@@ -59,7 +64,7 @@ PROFILES: dict[str, Profile] = {
                     attacks=(("fgsm", None), ("pgd", 40), ("apgd", 100)), restarts=2,
                     noise_kinds=("uniform", "gaussian", "pixels"),
                     noise_levels=(0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5), draws=10,
-                    certifiers=("ibp", "crown", "lipschitz"), masking_checks=("pgd", "apgd")),
+                    certifiers=("ibp", "crown", "lipschitz"), masking_checks=("pgd", "apgd"), smoothing_n=10_000),
 }
 
 
@@ -235,7 +240,7 @@ def load_data(adapter: Any, data: Any, limit: int | None, split: str = "test", d
     from .data import Dataset, check_against_input_shape, load_dataset
 
     if isinstance(data, str):
-        data = load_dataset(data, split=split, limit=limit, path=data_path)
+        data = load_dataset(data, split=split, limit=limit, path=data_path, input_shape=tuple(adapter.input_shape))
         limit = None
     if isinstance(data, Dataset):
         ds = data.subset(limit) if limit else data
@@ -251,7 +256,9 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
           data_path: Any = None, progress: bool = False, label: str | None = None,
           data_name: str | None = None, executor: Any = None, workers: int | None = None,
           shard_size: int | None = None, shards: Any = None, resume: bool = False, ray_address: str | None = None,
-          gpus_per_worker: float | None = None) -> Report:
+          gpus_per_worker: float | None = None, sigma: float | Sequence[float] | None = None,
+          smoothing_n: int | None = None, smoothing_n0: int | None = None, smoothing_alpha: float | None = None,
+          smoothing_radii: Sequence[float] | None = None) -> Report:
     """Audit ``model`` on ``data``: clean accuracy, noise sweeps, attacks, certificates, checks.
 
     Args:
@@ -268,6 +275,12 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
         executor, workers, shard_size, shards, resume, ray_address, gpus_per_worker: run every
             certificate, attack and noise sweep in shards (see ``robeval.certify``); one shard folder
             holds every job of the audit, so ``resume=True`` reruns only the missing shards.
+        sigma: one or more Gaussian noise levels for randomized smoothing (None: no smoothing); the
+            report keeps these probabilistic certificates apart. smoothing_n, smoothing_n0,
+            smoothing_alpha: estimation draws, selection draws and failure probability (None: the
+            profile's: 1,000 draws quick, 10,000 full; 100; 0.001). smoothing_radii: L2 radii (None:
+            0 and the audit's eps when ``norm="l2"``, else 0 and the profile's L2 radii).
+            Smoothing runs unsharded (its noise stream runs over the samples in order).
     Returns:
         Report, with ``to_json``, ``to_html``, ``to_markdown`` and ``save(dir)``.
 
@@ -280,6 +293,8 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
     prof = get_profile(profile)
     norm = check_norm(norm, ("linf", "l2"))
     eps_values = check_eps(eps if eps is not None else prof.eps[norm])
+    smoothing = smoothing_settings(prof, norm, eps_values, sigma, smoothing_n, smoothing_n0, smoothing_alpha,
+                                   smoothing_radii)
     start = time.perf_counter()
     adapter = load_model(model)
     x, y, loaded_name, data_domain = load_data(adapter, data, limit if limit is not None else prof.limit, split,
@@ -291,9 +306,9 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
     ev = Evaluator(adapter, x, y, norm=norm, domain=None if domain is None else tuple(domain),
                    seed=seed, device=device, batch_size=batch_size, progress=progress, sharding=sharding)
     seconds = {"clean": time.perf_counter() - start}
-    run = _AuditRun(ev, prof, eps_values, seconds)
+    run = _AuditRun(ev, prof, eps_values, seconds, smoothing)
     steps = [("noise", run.noise), ("certificates", run.certificates), ("attacks", run.attacks),
-             ("consistency", run.consistency)]
+             ("consistency", run.consistency)] + ([("smoothing", run.smoothing)] if smoothing else [])
     for name, step in progress_bar(steps, total=len(steps), desc="audit", enabled=progress):
         t0 = time.perf_counter()
         step()
@@ -310,11 +325,37 @@ def audit(model: Any, data: Any, profile: str | Profile = "quick", eps: Sequence
                               for a, s in prof.attacks],
                   "noise": {"kinds": [noise_kind(k) for k in prof.noise_kinds], "levels": list(prof.noise_levels),
                             "draws": prof.draws},
-                  "certifiers": list(prof.certifiers)},
+                  "certifiers": list(prof.certifiers), **({"smoothing": smoothing} if smoothing else {})},
         clean_accuracy=ev.clean_accuracy, attacks=tuple(run.attack_reports), noise=tuple(run.noise_results),
         certificates=tuple(run.certs), skipped=tuple(run.skipped), violations=tuple(run.violations),
         pairs_checked=run.pairs_checked, warnings=tuple(run.warnings), examples=run.examples(),
-        lipschitz_bound=run.lipschitz, seconds=seconds)
+        lipschitz_bound=run.lipschitz, smoothing=tuple(run.smoothed), seconds=seconds)
+
+
+def smoothing_settings(prof: Profile, norm: str, eps: Sequence[float], sigma: Any, n: int | None, n0: int | None,
+                       alpha: float | None, radii: Sequence[float] | None) -> dict[str, Any] | None:
+    """The audit's smoothing settings {sigma: [...], n0, n, alpha, radii}, checked; None without sigma."""
+    from .certifiers.base import check_eps
+    from .certifiers.smoothing import check_smoothing_params
+
+    if sigma is None:
+        if any(v is not None for v in (n, n0, alpha, radii)):
+            raise InvalidParameterError("smoothing options were given without sigma; pass sigma (e.g. sigma=0.25, "
+                                        "--sigma 0.25) to run randomized smoothing")
+        return None
+    sigmas = [sigma] if isinstance(sigma, (int, float)) else list(sigma)
+    if not sigmas:
+        raise InvalidParameterError("sigma=[]; expected one or more noise levels, e.g. sigma=0.25")
+    n = prof.smoothing_n if n is None else n
+    n0 = prof.smoothing_n0 if n0 is None else n0
+    alpha = prof.smoothing_alpha if alpha is None else alpha
+    checked = [check_smoothing_params(s, n0, n, alpha) for s in sigmas]
+    if radii is None:
+        radii = sorted({0.0, *(eps if norm == "l2" else prof.eps["l2"])})
+    elif any(not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0 for r in radii) or not len(radii):
+        raise InvalidParameterError(f"smoothing radii={list(radii)!r}; expected one or more finite L2 radii >= 0")
+    return {"sigma": [c[0] for c in checked], "n0": checked[0][1], "n": checked[0][2], "alpha": checked[0][3],
+            "radii": list(check_eps(radii))}
 
 
 def _audit_sharding(adapter, x, y, executor, workers, shard_size, shards, resume, address, gpus, progress,
@@ -346,8 +387,10 @@ def _label(model: Any) -> str:
 class _AuditRun:
     """The steps of one audit, each filling its part of the report."""
 
-    def __init__(self, ev: Evaluator, prof: Profile, eps: tuple[float, ...], seconds: dict):
-        self.ev, self.prof, self.eps, self.seconds = ev, prof, eps, seconds
+    def __init__(self, ev: Evaluator, prof: Profile, eps: tuple[float, ...], seconds: dict,
+                 smoothing: dict[str, Any] | None = None):
+        self.ev, self.prof, self.eps, self.seconds, self.smoothing_settings = ev, prof, eps, seconds, smoothing
+        self.smoothed: list = []
         self.attack_reports: list = []
         self.noise_results: list = []
         self.certs: list = []
@@ -385,6 +428,13 @@ class _AuditRun:
             report = self.ev.attack(name, self.eps, steps, restarts, checks=name in self.prof.masking_checks)
             self.attack_reports.append(report)
             self.warnings.extend(f"{name}: {w}" if not w.startswith(name) else w for w in report.warnings)
+
+    def smoothing(self):
+        """Randomized smoothing at each sigma (probabilistic; not paired with the attacks, which attack
+        the network f while smoothing certifies the smoothed classifier g)."""
+        st = self.smoothing_settings
+        for sigma in st["sigma"]:
+            self.smoothed.append(self.ev.smooth(sigma, st["radii"], alpha=st["alpha"], n=st["n"], n0=st["n0"]))
 
     def consistency(self):
         from .certifiers.consistency import ConsistencyError, check_certified

@@ -155,3 +155,14 @@ def test_image_folder_grey_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataNotFoundError, match="no class sub-folders"):
         load_dataset(str(tmp_path / "empty"))
+
+
+def test_download_checksums_are_the_published_ones():
+    """The MD5s pooch verifies are the 'python version' rows of https://www.cs.toronto.edu/~kriz/cifar.html
+    (a typo here would make every download fail, or accept the wrong file)."""
+    from robeval.data.cifar import SOURCES
+
+    published = {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+                 "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"}
+    assert {v[0]: v[7] for v in SOURCES.values()} == published
+    assert all(v[6] == f"https://www.cs.toronto.edu/~kriz/{v[0]}" for v in SOURCES.values())

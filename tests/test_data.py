@@ -217,10 +217,12 @@ def test_user_npz_nhwc_uint8_is_converted(tmp_path):
     ds = load_dataset(tmp_path / "rgb.npz")
     assert ds.x.shape == (5, 3, 6, 7) and ds.name == "rgb"
     np.testing.assert_array_equal(ds.x, x.transpose(0, 3, 1, 2) / np.float32(255))
-    # an ambiguous shape follows layout= when given
+    # an ambiguous shape is refused without layout= and follows it when given (tests/test_data_layout.py)
     amb = np.zeros((4, 3, 5, 3), np.uint8)
     np.savez(tmp_path / "amb.npz", x=amb, y=np.zeros(4, int))
-    assert load_dataset(str(tmp_path / "amb.npz")).x.shape == (4, 3, 5, 3)
+    with pytest.raises(InputShapeError, match="could be NCHW"):
+        load_dataset(str(tmp_path / "amb.npz"))
+    assert load_dataset(str(tmp_path / "amb.npz"), layout="NCHW").x.shape == (4, 3, 5, 3)
     assert load_dataset(str(tmp_path / "amb.npz"), layout="NHWC").x.shape == (4, 3, 3, 5)
 
 

@@ -9,7 +9,7 @@ space, so 2/255 is a pixel radius). --objective ibp|crown-ibp: ``IBPLoss`` with 
 0.25 and 0.5 on --certify test images.
 
 CIFAR-10 is read with ``robeval.data.load_dataset("cifar10", path=--data-path)`` (the official
-python tarball, its folder, or $ROBEVAL_DATA; see docs/data.md). The last 5,000 training images are
+python tarball, its folder, or $ROBEVAL_DATA; see robeval/data/cifar.py). The last 5,000 training images are
 the validation split. --quick trains one epoch on a few hundred images (a smoke test).
 
     python examples/torch/cifar_cnn.py --data-path /path/to/cifar-10-python.tar.gz [--objective noise]

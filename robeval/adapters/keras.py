@@ -532,10 +532,14 @@ def _normalization(cv, layer, ins, ctx):
     (x,) = ins
     if layer.invert:
         return cv.problem("Normalization(invert=True)", ctx.where)
+    # Keras computes (x - mean) / max(sqrt(variance), epsilon): the same two steps with the stored
+    # constants, the division by std folded with its rounding bounded (the scale op's ``divisor``)
     std = numpy.maximum(numpy.sqrt(_np(layer.variance)), keras.config.epsilon())
     mean = _np(layer.mean)
-    return cv.add("scale", [x], ctx.name, {"scale": cv.const(1.0 / std, x.shape),
-                                           "shift": cv.const(-mean / std, x.shape)})
+    centred = cv.add("scale", [x], ctx.name + "_centre", {"scale": cv.const(numpy.ones_like(mean), x.shape),
+                                                          "shift": cv.const(-mean, x.shape)})
+    return cv.add("scale", [centred], ctx.name, {"divisor": cv.const(std, x.shape),
+                                                 "shift": cv.const(numpy.zeros_like(mean), x.shape)})
 
 
 def _merge(op):

@@ -36,6 +36,16 @@ def certified_radius(p_lower, sigma: float) -> numpy.ndarray:
     return numpy.where(p > 0.5, r, 0.0)
 
 
+def max_certified_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius ``n`` estimation draws can certify at ``alpha``: every draw on the top class
+    gives p_lower = alpha ** (1 / n) (the alpha quantile of Beta(n, 1)), so sigma * Phi^-1(alpha ** (1 / n)).
+
+    >>> round(max_certified_radius(0.25, 10_000, 0.001), 4)
+    0.7996
+    """
+    return float(certified_radius(numpy.array([alpha ** (1.0 / n)]), sigma)[0])
+
+
 def binomial_p_values(top: numpy.ndarray, second: numpy.ndarray) -> numpy.ndarray:
     """Two-sided p-values of the test that the top class's count ``top`` out of ``top + second``
     is drawn with probability 1/2 (Cohen et al.'s PREDICT), one per sample."""

@@ -33,14 +33,14 @@ def model_options(fn):
 @executor_options
 @reports_errors
 def attack(model, name, norm, eps_text, steps, restarts, step_size, loss, domain_text, input_shape, trust_pickle,
-           class_path, data, data_path, split, limit, device, batch_size, seed, json_path, progress, scale):
+           class_path, data, data_path, split, limit, layout, device, batch_size, seed, json_path, progress, scale):
     """Attack MODEL at every radius in --eps and print robust accuracy (an upper bound on the true
     robust accuracy; certificates give the lower bound)."""
     from ..certifiers.attacks import attack as run_attack
 
     eps_values = check_eps_text(parse_floats(eps_text))
     adapter, label = load_model_arg(model, class_path, trust_pickle, input_shape)
-    x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None)
+    x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None, layout)
     report = run_attack(adapter, (x, y), attack=name, eps=eps_values, norm=norm, steps=steps, restarts=restarts,
                         step_size=step_size, loss=loss, seed=seed, domain=parse_domain(domain_text),
                         batch_size=batch_size, progress=progress, **scale)
@@ -71,14 +71,14 @@ def attack(model, name, norm, eps_text, steps, restarts, step_size, loss, domain
 @executor_options
 @reports_errors
 def sweep(model, kind, levels_text, draws, domain_text, input_shape, trust_pickle, class_path, data, data_path,
-          split, limit, device, batch_size, seed, json_path, progress, scale):
+          split, limit, layout, device, batch_size, seed, json_path, progress, scale):
     """Accuracy of MODEL under random noise at several levels, with 95% confidence intervals."""
     from ..certifiers.noise import sweep as run_sweep
 
     levels = parse_floats(levels_text, "--levels") if levels_text else None
     kind = "replace" if kind == "pixels" else kind
     adapter, label = load_model_arg(model, class_path, trust_pickle, input_shape)
-    x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None)
+    x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None, layout)
     from ..api import _sharding
 
     net = adapter.to_network() if scale["shards"] else None

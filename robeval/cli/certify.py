@@ -104,8 +104,8 @@ def render_smoothing(result, label: str, data_name: str) -> list[str]:
 @executor_options
 @reports_errors
 def certify(model, method, norm, sigma, n0, n_draws, alpha, mean_text, std_text, eps_text, domain_text, class_path,
-            trust_pickle, input_shape, data, data_path, split, limit, device, batch_size, seed, json_path, progress,
-            scale):
+            trust_pickle, input_shape, data, data_path, split, limit, layout, device, batch_size, seed, json_path,
+            progress, scale):
     """Certify MODEL (.onnx, .pt, .pt2, .keras, .h5; the built-in digits model when omitted) on a
     data set at every radius in --eps, and print clean and certified accuracy with per-sample
     verdict counts (verified / falsified / unknown) and the time taken."""
@@ -118,7 +118,7 @@ def certify(model, method, norm, sigma, n0, n_draws, alpha, mean_text, std_text,
     norm = norm or ("l2" if smoothing else "linf")
     adapter, label = load_model_arg(model, class_path, trust_pickle, input_shape)
     adapter, label = normalised_adapter(adapter, label, mean_text, std_text)
-    x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None)
+    x, y, data_name = load_data_arg(adapter, data, data_path, split, limit, model is None, layout)
     start = time.perf_counter()
     result = certify_api(adapter, (x, y), method=method, eps=eps_values, norm=norm, device=device,
                          batch_size=batch_size, domain=domain, progress=progress, executor=scale["executor"],

@@ -64,12 +64,14 @@ def load_model_arg(model: str | None, class_path: str | None = None, trust_pickl
 
 
 def load_data_arg(adapter, data: str | None, data_path: str | None, split: str, limit: int | None,
-                  builtin: bool):
-    """The data set named by --data, checked against the model's input shape; returns (x, y, name)."""
+                  builtin: bool, layout: str | None = None):
+    """The data set named by --data (a user .npz in --layout, or the layout the model's input shape
+    or the array's shape decides), checked against the model's input shape; returns (x, y, name)."""
     from ..data import check_against_input_shape, load_dataset
 
     spec = data or ("digits" if builtin else "mnist")
-    ds = load_dataset(spec, split=split, limit=limit, path=data_path)
+    ds = load_dataset(spec, split=split, limit=limit, path=data_path, layout=layout,
+                      input_shape=tuple(adapter.input_shape))
     x = check_against_input_shape(ds, adapter.input_shape, channels_last=False)
     return x, ds.y, ds.name
 

@@ -47,7 +47,8 @@ def model_facts(adapter) -> dict:
 @click.option("--json", "json_path", default=None, help="write the facts as JSON to this file ('-' for stdout)")
 @data_options
 @reports_errors
-def info(model, check, atol, class_path, trust_pickle, input_shape, json_path, data, data_path, split, limit):
+def info(model, check, atol, class_path, trust_pickle, input_shape, json_path, data, data_path, split, limit,
+         layout):
     """Show the layers of MODEL, its parameter count, input shape, which certifiers support every
     op, and its global L2 Lipschitz upper bound."""
     adapter, label = load_model_arg(model, class_path, trust_pickle, input_shape)
@@ -80,7 +81,7 @@ def info(model, check, atol, class_path, trust_pickle, input_shape, json_path, d
     if check:
         from ..adapters.fidelity import check_fidelity
 
-        x, _, name = load_data_arg(adapter, data, data_path, split, limit or 256, model is None)
+        x, _, name = load_data_arg(adapter, data, data_path, split, limit or 256, model is None, layout)
         diff = check_fidelity(adapter, x, atol=atol)
         facts["fidelity"] = {"data": name, "n": int(len(x)), "max_abs_diff": diff, "atol": atol}
         click.echo(f"fidelity on {len(x)} samples of {name}: max |native - network| = {diff:.3g} (atol {atol}) OK")

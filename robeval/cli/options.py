@@ -42,7 +42,7 @@ def parse_domain(text: str | None):
 
 
 def data_options(fn):
-    """--data, --data-path, --split, --limit."""
+    """--data, --data-path, --split, --limit, --layout."""
 
     @click.option("--data", "data", default=None,
                   help="mnist, digits, cifar10, cifar100, an image folder (one sub-folder per class), "
@@ -52,6 +52,9 @@ def data_options(fn):
                   help="where the data set lives (file or directory); default: $ROBEVAL_DATA, then the cache")
     @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
     @click.option("--limit", type=click.IntRange(min=1), default=None, help="use only the first N samples")
+    @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
+                  help="axis order of 4-D images in a .npz (default: decided by the model's input shape or the "
+                  "array's shape; an ambiguous shape such as (N, 3, 8, 3) is refused)")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)

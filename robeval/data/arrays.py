@@ -5,7 +5,9 @@ One place decides how raw data become model inputs, so every data source (built-
 
 - ``uint8`` pixels 0..255 map linearly onto ``value_range`` (``x / 255`` for the default [0, 1]);
 - float data must already lie in ``value_range`` and be finite (no silent rescaling or clipping);
-- 3-D ``(N, H, W)`` data get a channel axis; 4-D data are NCHW or NHWC (detected or given).
+- 3-D ``(N, H, W)`` data get a channel axis; 4-D data are NCHW or NHWC: given, decided by the
+  model's input shape, or detected from the shape (:func:`detect_layout`), and refused with the fix
+  when the shape could be either.
 """
 
 from __future__ import annotations
@@ -63,13 +65,49 @@ def check_values(x: np.ndarray, value_range: tuple[float, float], source: str) -
         )
 
 
-def detect_layout(shape: tuple[int, ...]) -> str:
-    """Guess the layout of a 4-D shape: NHWC when the last axis looks like channels and the second not.
+#: Channel counts that mark an axis as the channel axis: grey and RGB.
+CHANNELS = (1, 3)
 
-    >>> detect_layout((5, 28, 28, 1)), detect_layout((5, 1, 28, 28)), detect_layout((5, 3, 32, 3))
+
+def layout_candidates(shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The layouts a 4-D shape can plausibly have: the one whose channel axis holds 1 or 3 entries
+    while the other's does not; failing that, the one whose two image axes are equal (square images)."""
+    first, last = shape[1] in CHANNELS, shape[3] in CHANNELS
+    if first != last:
+        return ("NCHW",) if first else ("NHWC",)
+    if first:  # both ends look like channels: (N, 3, 5, 3)
+        return LAYOUTS
+    square = tuple(layout for layout, (h, w) in (("NCHW", shape[2:]), ("NHWC", shape[1:3])) if h == w)
+    return square if len(square) == 1 else LAYOUTS
+
+
+def detect_layout(shape: tuple[int, ...], input_shape=None, source: str = "the images") -> str:
+    """The layout of a 4-D shape; ``input_shape``, the model's per-sample (C, H, W), decides first
+    (when it is clearly channels first and exactly one reading of ``shape`` matches it).
+
+    Raises InputShapeError, naming both readings and the fix, when neither the model nor the shape
+    decides (e.g. (5, 3, 8, 3): 3 channels of 8x3, or 3x8 images of 3 channels).
+
+    >>> detect_layout((5, 28, 28, 1)), detect_layout((5, 1, 28, 28)), detect_layout((5, 8, 16, 16))
     ('NHWC', 'NCHW', 'NCHW')
+    >>> detect_layout((5, 3, 8, 3), input_shape=(3, 3, 8))
+    'NHWC'
     """
-    return "NHWC" if shape[-1] in (1, 3) and shape[1] not in (1, 3) else "NCHW"
+    shape = tuple(int(d) for d in shape)
+    want = tuple(int(d) for d in input_shape)[-3:] if input_shape is not None else ()
+    if len(want) == 3 and layout_candidates((1, *want)) == ("NCHW",):  # a model clearly taking (C, H, W)
+        fits = [layout for layout, per in (("NCHW", shape[1:]), ("NHWC", (shape[3], shape[1], shape[2])))
+                if per == want]
+        if len(fits) == 1:
+            return fits[0]
+    found = layout_candidates(shape)
+    if len(found) == 1:
+        return found[0]
+    _, a, b, c = shape
+    raise InputShapeError(
+        f"{source} has shape {shape}, which could be NCHW ({a} channel(s) of {b}x{c}) or NHWC ({c} channel(s) "
+        f"of {a}x{b}); say which: layout='NCHW' or layout='NHWC' (load_dataset(..., layout=...)), or --layout "
+        "NCHW|NHWC on the command line")
 
 
 def to_images(
@@ -78,6 +116,7 @@ def to_images(
     value_range: tuple[float, float] = (0.0, 1.0),
     layout: str | None = None,
     max_value: int = 255,
+    input_shape=None,
 ) -> np.ndarray:
     """Scale and reshape raw images into a float32 NCHW array with values in ``value_range``.
 
@@ -87,15 +126,18 @@ def to_images(
         value_range: (lo, hi) the model's input domain; uint8 data are mapped onto it.
         layout: layout of 4-D ``x``; None detects it with :func:`detect_layout`.
         max_value: the integer value that maps to ``hi`` (255 for pixels, 16 for sklearn digits).
+        input_shape: the model's per-sample input shape (C, H, W), used to decide the layout of 4-D
+            ``x`` when ``layout`` is None.
     Returns:
         (N, C, H, W) float32 array.
     """
     x = np.asarray(x)
+    if x.ndim == 4:  # the layout first: an ambiguous shape is refused before any scaling work
+        layout = detect_layout(x.shape, input_shape, source) if layout is None else check_layout(layout)
     x = _scale(x, source, value_range, max_value)
     if x.ndim == 3:
         return x[:, None, :, :]
     if x.ndim == 4:
-        layout = detect_layout(x.shape) if layout is None else check_layout(layout)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "NHWC" else x
     hint = ""
     if x.ndim == 2 and math.isqrt(x.shape[1]) ** 2 == x.shape[1]:

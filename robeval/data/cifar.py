@@ -20,7 +20,8 @@ from ..errors import DataNotFoundError, RobevalError
 from .mnist import cache_dir
 from .safe_pickle import safe_loads
 
-#: name -> (tarball file, folder inside it, train members, test members, label key, classes, url, md5)
+#: name -> (tarball file, folder inside it, train members, test members, label key, classes, url, md5);
+#: the MD5s are the "python version" rows of https://www.cs.toronto.edu/~kriz/cifar.html (checked against it).
 SOURCES = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
                 tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels", 10,

@@ -118,6 +118,7 @@ def load_dataset(
     layout: str | None = None,
     download: bool = True,
     value_range: tuple[float, float] = (0.0, 1.0),
+    input_shape=None,
 ) -> Dataset:
     """Load a built-in data set by name, or a user ``.npz`` file, as an NCHW :class:`Dataset`.
 
@@ -128,11 +129,15 @@ def load_dataset(
         split: "train" or "test".
         limit: keep only the first ``limit`` samples (None: all).
         path: where to find a built-in data set (a file or directory); see :mod:`robeval.data.mnist`.
-        layout: axis order of 4-D arrays in a user ``.npz`` ("NCHW" or "NHWC"); None detects it.
+        layout: axis order of 4-D arrays in a user ``.npz`` ("NCHW" or "NHWC"); None decides it from
+            ``input_shape``, else from the shape (channel axis of 1 or 3, else square images), and
+            raises InputShapeError when the shape could be either (e.g. (N, 3, 8, 3)).
             The result is always NCHW; use ``.to_layout("NHWC")`` for channels-last models.
         download: for "mnist", download it into the cache when it is found nowhere else.
         value_range: the model's input domain; uint8 pixels are mapped onto it, float data must
             already lie in it.
+        input_shape: the model's per-sample input shape (C, H, W); it decides the layout of a user
+            ``.npz`` whose shape fits the model in one reading only.
     Returns:
         A Dataset with x (N, C, H, W) float32 and y (N,) int64.
 
@@ -177,7 +182,7 @@ def load_dataset(
         x, y, _, folder_name = load_folder(Path(spec), split)
         images = to_images(x[:stop], f"images under {spec}", value_range, layout="NHWC")
         return Dataset(images, to_labels(y[:stop], len(images), f"labels of {spec}"), folder_name, "NCHW", value_range)
-    return _load_npz(Path(spec), split, stop, layout, value_range)
+    return _load_npz(Path(spec), split, stop, layout, value_range, input_shape)
 
 
 def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +198,8 @@ def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return digits.images[part].astype(np.uint8), digits.target[part]  # images hold integers 0..16
 
 
-def _load_npz(file: Path, split: str, stop: int | None, layout: str | None, value_range) -> Dataset:
+def _load_npz(file: Path, split: str, stop: int | None, layout: str | None, value_range,
+              input_shape=None) -> Dataset:
     if file.suffix != ".npz" and not file.exists():
         raise InvalidParameterError(
             f"unknown data set {str(file)!r}; expected one of {', '.join(map(repr, DATASETS))} "
@@ -211,7 +217,7 @@ def _load_npz(file: Path, split: str, stop: int | None, layout: str | None, valu
         ) from e
     check_samples(len(x) if x.ndim else 0, len(y) if y.ndim else 0, f"{file} ({keys[0]}, {keys[1]})")
     x, y = x[:stop], y[:stop]
-    images = to_images(x, f"{keys[0]} in {file}", value_range, layout=layout)
+    images = to_images(x, f"{keys[0]} in {file}", value_range, layout=layout, input_shape=input_shape)
     labels = to_labels(y, len(images), f"{keys[1]} in {file}")
     name = file.stem + (f":{split}" if keys[0] != "x" else "")
     return Dataset(images, labels, name, "NCHW", value_range)

@@ -4,9 +4,10 @@ scripts), readable offline and attachable to a CI run as a single artifact."""
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
-from . import plots
+from . import images, plots
 from .report import format_number, headline_eps
 
 CSS = """
@@ -23,6 +24,10 @@ border:1px solid #e76f51}.warn{background:#fff4d6;border:1px solid #e9c46a}.ok{b
 border:1px solid #2a9d8f}.skip{background:#f1f1f1;border:1px solid #bbb}
 img{max-width:100%;height:auto}pre{white-space:pre-wrap;font-size:.8rem;margin:.2rem 0}
 .small{color:#666;font-size:.8rem}
+.examples{display:flex;flex-wrap:wrap;gap:1rem}.ex{border:1px solid #ddd;border-radius:6px;padding:.4rem}
+.ex figure{display:inline-block;margin:0 .2rem;text-align:center;font-size:.75rem}
+.ex img{image-rendering:pixelated;image-rendering:crisp-edges}.ex .cap{font-size:.8rem;margin-top:.2rem}
+.prob{background:#eef2fb;border:1px solid #6a7fbf}
 """
 
 
@@ -68,9 +73,82 @@ def _cards(report) -> str:
                                                 "(a lower bound)"))
     if report.lipschitz_bound is not None:
         cards.append((f"{report.lipschitz_bound:.4g}", "global L2 Lipschitz bound of the logits"))
+    s = smoothing_headline(report)
+    if s is not None:
+        cards.append((_pct(s["value"]), f"smoothed certified accuracy, sigma={s['sigma']:g}, L2 r={s['radius']:g} "
+                                        f"(probabilistic: holds with probability >= {1 - s['alpha']:g})"))
     items = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
                     for v, k in cards)
     return f'<div class="cards">{items}</div>'
+
+
+def smoothing_headline(report) -> dict[str, Any] | None:
+    """The first smoothing run's result at its middle radius, or None without smoothing."""
+    if not report.smoothing or not report.smoothing[0].eps:
+        return None
+    sm = report.smoothing[0]
+    i = len(sm.eps) // 2
+    return {"sigma": sm.sigma, "radius": sm.eps[i], "alpha": sm.alpha, "value": sm.certified_accuracy[i]}
+
+
+#: What every rendering of smoothing results says about them.
+SMOOTHING_NOTE = ("Randomized smoothing certificates are probabilistic: each 'certified' holds with probability at "
+                  "least 1 - alpha over the noise draws (alpha is the failure probability in the table), and it is "
+                  "a statement about the smoothed classifier g(x) = argmax_c P(f(x + d) = c), d ~ N(0, sigma^2 I), "
+                  "not about the network f. They are not counted as verified above and not checked against the "
+                  "attacks, which attack f.")
+
+
+def smoothing_lines(report) -> list[str]:
+    """One sentence per smoothing run: smoothed accuracy, abstentions and the largest radius its
+    draws can certify (radii above it come out uncertified whatever the model)."""
+    return [f"sigma={sm.sigma:g}: smoothed accuracy {_pct(sm.clean_accuracy)}, abstained {_pct(sm.abstain_rate)} "
+            f"({sm.n} samples, seed {sm.seed}); the largest radius n={sm.n_draws} draws can certify at "
+            f"alpha={sm.alpha:g} is sigma * Phi^-1(alpha^(1/n)) = {sm.max_radius:.4g}" for sm in report.smoothing]
+
+
+def _smoothing(report) -> str:
+    if not report.smoothing:
+        return ""
+    header, rows = report.smoothing_table()
+    extra = "".join(f'<p class="small">{_e(line)}</p>' for line in smoothing_lines(report))
+    return ("<h2>Randomized smoothing (probabilistic)</h2>"
+            f'<div class="box prob">{_e(SMOOTHING_NOTE)}</div>' + _table(header, rows) + extra
+            + '<p class="small">abstain: the noise votes did not single out a class (counted as not certified); '
+            "incorrect: the smoothed prediction is not the label; not certified: right, but the certified radius "
+            "is below the radius.</p>")
+
+
+def _examples(report) -> str:
+    """One panel per adversarial example: original, adversarial input and perturbation as exact PNGs."""
+    if not report.examples:
+        return "<p>No adversarial examples were found.</p>"
+    domain = report.data.get("domain", (0, 1))
+    panels = []
+    for ex in report.examples:
+        im = images.example_images(ex, domain)
+        figs = "".join(
+            f'<figure><img alt="{_e(kind)} (sample {ex.index})" src="data:image/png;base64,{images.b64(im[kind])}">'
+            f"<figcaption>{_e(cap)}</figcaption></figure>"
+            for kind, cap in (("original", f"original: pred {ex.clean_prediction}"),
+                              ("adversarial", f"{ex.attack} eps={ex.eps:.3g}: pred {ex.adv_prediction}"),
+                              ("perturbation", f"perturbation x{im['magnification']:.3g}")))
+        cap = (f"sample {ex.index}, label {ex.label}; L-inf {im['linf']:.4g}, L2 {im['l2']:.4g}; "
+               f"{'colour' if im['colour'] else 'grey'}")
+        panels.append(f'<div class="ex">{figs}<div class="cap">{_e(cap)}</div></div>')
+    scale = (f"inputs in [{float(domain[0]):g}, {float(domain[1]):g}] shown as 0..255" if _finite_domain(domain)
+             else "unbounded inputs: each example scaled to its own range")
+    return (f'<div class="examples">{"".join(panels)}</div>'
+            f'<p class="small">Pixels are the model\'s inputs ({_e(scale)}), each enlarged to a square block; '
+            "the perturbation is shown around mid grey (no change), scaled so that its largest change is "
+            "black or white.</p>")
+
+
+def _finite_domain(domain) -> bool:
+    try:
+        return all(math.isfinite(float(d)) for d in domain)
+    except (TypeError, ValueError):
+        return False
 
 
 def _checks(report) -> str:
@@ -109,6 +187,11 @@ def _settings(report) -> str:
             ["noise", f"{', '.join(s.get('noise', {}).get('kinds', []))}; {s.get('noise', {}).get('draws')} draws"],
             ["certifiers", ", ".join(s.get("certifiers", []))], ["seed", s.get("seed")], ["device", s.get("device")],
             ["domain", report.data.get("domain")], ["robeval", report.version], ["created", report.created]]
+    sm = s.get("smoothing")
+    if sm:
+        rows.append(["smoothing (probabilistic)", f"sigma {', '.join(map(format_number, sm['sigma']))}; n0={sm['n0']}, "
+                     f"n={sm['n']}, alpha={format_number(sm['alpha'])}; L2 radii "
+                     f"{', '.join(map(format_number, sm['radii']))}"])
     rows += [[f"time: {k}", f"{v:.2f}s"] for k, v in report.seconds.items()]
     return _table(["setting", "value"], [[str(a), str(b)] for a, b in rows])
 
@@ -132,9 +215,8 @@ def render_html(report) -> str:
         "<h2>Per-sample verdicts</h2>", _img(plots.verdict_plot(verdicts), "verdict plot"),
         '<p class="small">verified: some certificate proves no input in the ball changes the correct prediction; '
         "falsified: the clean prediction is wrong or an attack found an adversarial input; unknown: neither.</p>",
-        "<h2>Adversarial examples</h2>",
-        _img(plots.examples_plot(report.examples, d.get("domain", (0, 1))), "adversarial examples")
-        if report.examples else "<p>No adversarial examples were found.</p>",
+        _smoothing(report),
+        "<h2>Adversarial examples</h2>", _examples(report),
         "<h2>Random noise</h2>", _noise_table(report),
         "<h2>Settings</h2>", _settings(report),
     ]
@@ -142,4 +224,4 @@ def render_html(report) -> str:
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-__all__ = ["render_html", "headline"]
+__all__ = ["render_html", "headline", "smoothing_headline", "smoothing_lines", "SMOOTHING_NOTE"]

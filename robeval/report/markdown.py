@@ -1,9 +1,13 @@
 """``report.md``: the audit in GitHub-flavoured Markdown, short enough for a pull-request comment
-(headline, per-eps table, checks; noise and settings folded away)."""
+(headline, per-eps table, checks, smoothing apart as probabilistic; noise and the adversarial
+examples folded away). The example images are PNG files that ``Report.save`` writes next to
+report.md (``examples/``), linked by relative path: they show where report.md sits beside them (a
+CI artifact, a repository), not in a comment pasted alone."""
 
 from __future__ import annotations
 
-from .html import headline
+from .html import SMOOTHING_NOTE, headline, smoothing_headline, smoothing_lines
+from .images import example_file
 from .report import format_number
 
 
@@ -35,9 +39,17 @@ def render_markdown(report) -> str:
                       _pct(h["certified"][0])])
     if report.lipschitz_bound is not None:
         facts.append(["global L2 Lipschitz bound", f"{report.lipschitz_bound:.4g}"])
+    sm = smoothing_headline(report)
+    if sm is not None:
+        facts.append([f"smoothed certified accuracy, sigma={sm['sigma']:g} L2 r={sm['radius']:g} "
+                      f"(probabilistic, alpha={sm['alpha']:g})", _pct(sm["value"])])
     out += _table(["", "value"], facts) + [""]
     header, rows = report.eps_table()
     out += _table(header, rows) + [""]
+    if report.smoothing:
+        header, rows = report.smoothing_table()
+        out += ["**Randomized smoothing (probabilistic)**", "", f"_{SMOOTHING_NOTE}_", ""]
+        out += _table(header, rows) + [""] + [f"- {line}" for line in smoothing_lines(report)] + [""]
     if report.violations:
         out += [f"- :x: **certificate contradicted by an attack** (a bug): {v.splitlines()[0]}"
                 for v in report.violations]
@@ -53,10 +65,24 @@ def render_markdown(report) -> str:
                 for r in report.noise for lv, a, lo, hi in zip(r.levels, r.accuracy, r.ci_low, r.ci_high)]
         header = ["kind", "level", "accuracy", f"{report.noise[0].confidence:.0%} interval"]
         out += _table(header, rows) + ["", "</details>", ""]
+    out += _examples(report)
     total = report.seconds.get("total")
     if total is not None:
         out.append(f"_{total:.1f}s; attacks are upper bounds on robust accuracy, certificates lower bounds._")
     return "\n".join(out) + "\n"
+
+
+def _examples(report) -> list[str]:
+    if not report.examples:
+        return []
+    rows = [[str(ex.index), str(ex.label), str(ex.clean_prediction), str(ex.adv_prediction), ex.attack,
+             f"{ex.eps:.4g}", " ".join(f"![{kind}]({example_file(j, ex, kind)})"
+                                       for kind in ("original", "adversarial", "perturbation"))]
+            for j, ex in enumerate(report.examples)]
+    header = ["sample", "label", "prediction", "adversarial prediction", "attack", "eps",
+              "original / adversarial / perturbation"]
+    return (["<details><summary>Adversarial examples</summary>", ""] + _table(header, rows)
+            + ["", "_Images: the model's inputs as PNG files in examples/ beside this file._", "", "</details>", ""])
 
 
 __all__ = ["render_markdown"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from typing import Any
 
 import numpy
@@ -43,8 +42,9 @@ def to_base64(fig) -> str:
 
 
 def accuracy_plot(report: Any) -> str | None:
-    """Accuracy vs eps for every attack (solid), certificate (dashed) and additive noise (dotted,
-    with its confidence band); pixel replacement, whose level is a fraction, on a second panel."""
+    """Accuracy vs eps for every attack (solid), certificate (dashed), smoothing certificate under L2
+    (dash-dotted, probabilistic) and additive noise (dotted, with its confidence band); pixel
+    replacement, whose level is a fraction, on a second panel."""
     if not available():
         return None
     pixel_noise = [r for r in report.noise if r.kind in ("replace", "pixels")]
@@ -59,6 +59,10 @@ def accuracy_plot(report: Any) -> str | None:
                     label=f"{name.upper()} (attack)")
     for c in report.certificates:
         ax.plot(c.eps, c.certified_accuracy, "--s", color=CERT_COLOURS.get(c.method), label=f"{c.method} (certified)")
+    if norm == "l2":  # smoothing radii are L2: same axis, dash-dotted, named probabilistic
+        for sm in report.smoothing:
+            ax.plot(sm.eps, sm.certified_accuracy, "-.D", color="#3d5a80",
+                    label=f"smoothing sigma={sm.sigma:g} (p>={1 - sm.alpha:g})")
     for r in report.noise:
         if r.kind in ("replace", "pixels"):
             continue
@@ -102,38 +106,4 @@ def verdict_plot(verdicts: list[dict]) -> str | None:
     return to_base64(fig)
 
 
-def _image(a: numpy.ndarray) -> tuple[numpy.ndarray, str | None]:
-    a = numpy.asarray(a, dtype=numpy.float64)
-    if a.ndim == 3 and a.shape[0] == 3:
-        return numpy.clip(a.transpose(1, 2, 0), 0, 1), None
-    if a.ndim == 3:
-        return a[0], "gray"
-    if a.ndim == 1:
-        side = int(round(a.size ** 0.5))
-        return (a.reshape(side, side) if side * side == a.size else a[None, :]), "gray"
-    return a, "gray"
-
-
-def examples_plot(examples: Any, domain=(0.0, 1.0)) -> str | None:
-    """Originals (top) above their adversarial versions (bottom), with both predictions."""
-    if not available() or not examples:
-        return None
-    k = len(examples)
-    fig = _figure(1.6 * k + 0.4, 3.6)
-    axes = numpy.asarray(fig.subplots(2, k, squeeze=False))
-    lo, hi = (float(d) if isinstance(d, (int, float)) and math.isfinite(d) else None for d in domain)
-    for j, ex in enumerate(examples):
-        for row, (arr, title, colour) in enumerate([
-                (ex.x, f"label {ex.label}\npred {ex.clean_prediction}", "#2a9d8f"),
-                (ex.x_adv, f"{ex.attack} eps={ex.eps:.3g}\npred {ex.adv_prediction}", "#e76f51")]):
-            img, cmap = _image(arr)
-            ax = axes[row, j]
-            ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-            ax.set_title(title, fontsize=8, color=colour)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    return to_base64(fig)
-
-
-__all__ = ["accuracy_plot", "verdict_plot", "examples_plot", "available", "to_base64"]
+__all__ = ["accuracy_plot", "verdict_plot", "available", "to_base64"]

@@ -19,8 +19,9 @@ import numpy
 
 from .empirical import AttackReport, NoiseResult
 from .results import VERIFIED, CertificationResult
+from .smoothing import SmoothingResult
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1 added the optional "smoothing" list
 #: Metrics where a smaller value is better (everything else is an accuracy).
 LOWER_IS_BETTER = frozenset({"lipschitz_bound"})
 
@@ -130,6 +131,7 @@ class Report:
     warnings: tuple[str, ...] = ()
     examples: tuple[Example, ...] = ()
     lipschitz_bound: float | None = None
+    smoothing: tuple[SmoothingResult, ...] = ()  # probabilistic; never mixed into ``verdicts``
     seconds: dict[str, float] = field(default_factory=dict)
     created: str = field(default_factory=_now)
     version: str = field(default_factory=_version)
@@ -152,6 +154,9 @@ class Report:
             out += [("noise_accuracy", {"kind": nr.kind, "level": lv}, a) for lv, a in zip(nr.levels, nr.accuracy)]
         if self.lipschitz_bound is not None:
             out.append(("lipschitz_bound", {}, self.lipschitz_bound))
+        for sm in self.smoothing:
+            out += [("smoothed_certified_accuracy", {"sigma": sm.sigma, "radius": r, "alpha": sm.alpha}, a)
+                    for r, a in zip(sm.eps, sm.certified_accuracy)]
         return [{"name": n, "args": a, "key": metric_key(n, a), "value": float(v),
                  "higher_is_better": n not in LOWER_IS_BETTER} for n, a, v in out]
 
@@ -205,6 +210,20 @@ class Report:
             rows.append(row + [str(v["verified"]), str(v["unknown"]), str(v["falsified"])])
         return header, rows
 
+    def smoothing_table(self) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of the randomized-smoothing results, one row per (sigma, radius): the
+        fraction certified with probability >= 1 - alpha and the counts of each verdict."""
+        header = ["sigma", "L2 radius", "certified (p >= 1-alpha)", "alpha", "abstain", "incorrect",
+                  "not certified", "n0", "n"]
+        rows = []
+        for sm in self.smoothing:
+            for i, (r, acc) in enumerate(zip(sm.eps, sm.certified_accuracy)):
+                c = sm.counts(i)
+                rows.append([format_number(sm.sigma), format_number(r), f"{100 * acc:.1f}%", format_number(sm.alpha),
+                             str(c["abstain"]), str(c["incorrect"]), str(c["not_certified"]), str(sm.n0),
+                             str(sm.n_draws)])
+        return header, rows
+
     # ------------------------------------------------------------------ renderers
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -223,6 +242,8 @@ class Report:
             "examples": [x.to_dict() for x in self.examples],
             "seconds": self.seconds,
         }
+        if self.smoothing:
+            out["smoothing"] = [sm.to_dict(samples=False) for sm in self.smoothing]
         return json_safe(out)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -238,14 +259,38 @@ class Report:
 
         return render_markdown(self)
 
+    def example_files(self) -> dict[str, bytes]:
+        """The adversarial examples as PNG files, {relative path: bytes}, as report.md links them."""
+        from .images import KINDS, example_file, example_images
+
+        domain = self.data.get("domain", (0.0, 1.0))
+        files = {}
+        for j, ex in enumerate(self.examples):
+            images = example_images(ex, domain)
+            files.update({example_file(j, ex, kind): images[kind] for kind in KINDS})
+        return files
+
     def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write report.json, report.html and report.md into ``directory``; returns their paths."""
+        """Write report.json, report.html, report.md and the example images (``examples/*.png``,
+        linked from report.md) into ``directory``; returns the paths of the three reports and, under
+        "examples", the image folder."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         paths = {"json": d / "report.json", "html": d / "report.html", "markdown": d / "report.md"}
         paths["json"].write_text(self.to_json() + "\n", encoding="utf-8")
         paths["html"].write_text(self.to_html(), encoding="utf-8")
         paths["markdown"].write_text(self.to_markdown(), encoding="utf-8")
+        files = self.example_files()
+        if files:
+            from .images import EXAMPLES_DIR
+
+            paths["examples"] = d / EXAMPLES_DIR
+            paths["examples"].mkdir(exist_ok=True)
+            for old in paths["examples"].glob("*-sample*-*.png"):  # a previous run's examples
+                if f"{EXAMPLES_DIR}/{old.name}" not in files:
+                    old.unlink()
+            for name, data in files.items():
+                (d / name).write_bytes(data)
         return paths
 
 

@@ -75,6 +75,13 @@ class SmoothingResult:
         return tuple(float((self.verdicts[:, i] == CERTIFIED_WHP).mean()) if self.n else float("nan")
                      for i in range(len(self.eps)))
 
+    @property
+    def max_radius(self) -> float:
+        """The largest L2 radius these n draws can certify at alpha: sigma * Phi^-1(alpha ** (1 / n))."""
+        from ..certifiers.smoothing_stats import max_certified_radius
+
+        return max_certified_radius(self.sigma, self.n_draws, self.alpha)
+
     def counts(self, i: int) -> dict[str, int]:
         col = self.verdicts[:, i]
         return {v: int((col == v).sum()) for v in SMOOTHING_VERDICTS}
@@ -88,6 +95,7 @@ class SmoothingResult:
             "alpha": self.alpha, "confidence": self.confidence, "n0": self.n0, "n": self.n_draws, "seed": self.seed,
             "samples_count": self.n, "domain": list(self.domain), "device": self.device, "dtype": self.dtype,
             "smoothed_accuracy": self.clean_accuracy, "abstain_rate": self.abstain_rate,
+            "max_certifiable_radius": self.max_radius,
             "notes": [self.note(), *self.notes],
             "results": [
                 {"radius": e, "smoothed_certified_accuracy": acc, "counts": self.counts(i), "seconds": self.seconds[i]}

@@ -42,6 +42,9 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     details: 'stage' that decided, 'rows' and 'proven' per stage, BaB 'rounds' and 'domains'."""
     settings = settings or BabSettings()
     start = time.perf_counter()
+    if any(len(d.b) == 0 for d in case.disjuncts):  # no output condition: every box point is unsafe
+        return "unknown", {"stage": "none", "note": "a disjunct has no output constraint; nothing to prove",
+                           "time": 0.0}
     net = as_verification_network(net)
     shape = (1,) + tuple(net.input_shape)
     lo = numpy.asarray(case.lo, dtype=numpy.float64).reshape(shape)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy
 
+from ..ir.registry import get_op
 from .alpha import Chain, optimise
 from .bounds import domain_lower
 
@@ -81,6 +82,7 @@ class BabOutcome:
     rounds: int = 0
     domains_bounded: int = 0
     max_open: int = 0
+    leaf_lps: int = 0
     counterexample: Any = None
 
 
@@ -163,9 +165,24 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
         pick, rest = order[:settings.batch], order[settings.batch:]
         parents = doms.take(pick)
         which, index = choose_splits(chain, parents, settings.candidates)
-        if (which < 0).any():  # a domain with every neuron fixed that the bound still does not prove
-            out.status = "unknown"
-            return out
+        if (which < 0).any():  # every neuron fixed: the network is affine there, an LP decides it
+            leaves = numpy.nonzero(which < 0)[0]
+            for i in leaves:
+                verdict, x = leaf_lp(net, chain, root, lo, hi, parents.take([i]))
+                out.leaf_lps += 1
+                if verdict == "sat" and check is not None and check(x):
+                    out.status, out.counterexample = "sat", x
+                    return out
+                if verdict != "unsat":
+                    out.status = "unknown"
+                    return out
+            keep = numpy.nonzero(which >= 0)[0]
+            parents, which, index = parents.take(keep), which[keep], index[keep]
+            if not len(parents):
+                if not len(rest):
+                    return out
+                doms = doms.take(rest)
+                continue
         kids = children(parents, chain, which, index)
         kids.alpha, kids.beta, relaxed = optimise(chain, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
                                                   settings.iterations, settings.lr_alpha, settings.lr_beta)
@@ -189,6 +206,68 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
         if progress is not None:
             progress(out, len(doms))
     return out
+
+
+def affine_pieces(net, chain: Chain, pattern: dict):
+    """Exact affine maps (G, g) with node = G^T x + g over the subdomain, for every chain node, when
+    each ReLU's pattern (1 active, 0 inactive per neuron) is fixed; None if another nonlinear op occurs."""
+    d = int(chain.lo.shape[1])
+    G = numpy.eye(d).reshape((d,) + tuple(net.input_shape))
+    g = numpy.zeros((1,) + tuple(net.input_shape))
+    maps = {}
+    for node in chain.nodes:
+        op = get_op(node.op)
+        if op.affine:
+            G, g = op.linear(numpy, node, G), op.linear(numpy, node, g)
+            bias = chain._bias[node.name]
+            if bias is not None:
+                g = g + bias
+        elif node.op == "relu":
+            G, g = G * pattern[node.name], g * pattern[node.name]
+        else:
+            return None
+        maps[node.name] = (G.reshape(d, -1), g.reshape(-1))
+    return maps
+
+
+def leaf_lp(net, chain: Chain, root, lo, hi, dom: Domains):
+    """Decide one domain whose ReLUs are all fixed (stable or split): the network is affine there, so
+    min c + a . f(x) over the box and the split constraints s_j h_j(x) >= 0 is a linear program
+    (SciPy's HiGHS). 'sat' with the minimiser when the minimum is <= 0 (the caller replays it);
+    'unsat' only when the rigorous engine, given the LP's dual multipliers of the split constraints as
+    beta (strong duality makes that bound the LP's optimum), proves the row; else 'unknown'."""
+    from scipy.optimize import linprog
+
+    pattern, rows, rhs, owners = {}, [], [], []
+    for relu in chain.relus:
+        plo, phi = chain.pre_bounds(relu, {k: v for k, v in dom.splits.items()})
+        pattern[relu] = (plo >= 0).astype(numpy.float64).reshape(plo.shape[1:])[None]
+    maps = affine_pieces(net, chain, pattern)
+    if maps is None:
+        return "unknown", None
+    for relu in chain.relus:
+        G, g = maps[chain.relu_input[relu]]
+        split = dom.splits[relu].reshape(-1)
+        for j in numpy.nonzero(split)[0]:  # s_j (G_j . x + g_j) >= 0  <=>  -s_j G_j . x <= s_j g_j
+            rows.append(-split[j] * G[:, j])
+            rhs.append(split[j] * g[j])
+            owners.append((relu, j))
+    G, g = maps[chain.nodes[-1].name]
+    objective = G @ dom.A[0]
+    const = float(dom.c[0] + g @ dom.A[0])
+    box = list(zip(chain.lo[0], chain.hi[0]))
+    res = linprog(objective, A_ub=numpy.array(rows) if rows else None, b_ub=numpy.array(rhs) if rows else None,
+                  bounds=box, method="highs")
+    if res.status != 0:
+        return "unknown", None
+    if res.fun + const <= 0:
+        return "sat", res.x
+    beta = {k: numpy.zeros_like(v) for k, v in dom.beta.items()}
+    duals = -res.ineqlin.marginals if rows else []
+    for (relu, j), b in zip(owners, duals):
+        beta[relu].reshape(-1)[j] = max(float(b), 0.0)
+    bound = domain_lower(net, root, lo, hi, dom.A, dom.c, dom.alpha, beta, dom.splits, chain.relu_input)
+    return ("unsat" if bound[0] > 0 else "unknown"), None
 
 
 def corner_candidates(net, chain: Chain, doms: Domains, limit: int = 4) -> list:

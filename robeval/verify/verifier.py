@@ -23,7 +23,7 @@ import numpy
 
 from ..errors import InvalidParameterError, UnsupportedOpError, UnsupportedRuleError
 from ..ir.graph import Network
-from .falsify import Counterexample, Replayer, falsify
+from .falsify import Counterexample, Replayer, falsify, representable_box
 from .spec import Spec
 
 #: Share of the time limit the first falsification pass may use.
@@ -216,7 +216,14 @@ class _Run:
             return "unknown", None
         replayed: list[Counterexample] = []
 
+        box = representable_box(*case.inner, self.replayer.dtype)
+
         def check(x) -> bool:
+            # the prover's points sit on the outward-rounded box: move them to the nearest values of the
+            # file's dtype inside the real box (at most an ulp away), then replay as any candidate
+            if box is None:
+                return False
+            x = numpy.clip(numpy.asarray(x, dtype=numpy.float64).reshape(-1), *box)
             cex = self.replayer.check(case, x)
             if cex is not None:
                 replayed.append(cex)

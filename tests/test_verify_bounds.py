@@ -324,3 +324,55 @@ def test_verdicts_against_exact_milp_minima():
                 seen_safe += 1
                 assert status == "unsat", (seed, j, exact, details)
     assert seen_safe >= 5 and seen_unsafe >= 5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_leaf_lp_on_fully_fixed_domains(seed):
+    """A domain whose ReLUs are all fixed (to the signs of a box point x0): the LP finds a violating
+    point when x0 violates (and that point is in the box, on the subdomain, violating); with an easy
+    row it proves the domain through the rigorous engine with the LP's duals as beta."""
+    from robeval.verify.bab import Domains, leaf_lp
+
+    rng = numpy.random.default_rng(900 + seed)
+    net = as_verification_network(random_mlp(rng, (2, 6, 6, 3)))
+    lo, hi = _box(rng, net, 0.5)
+    root = box_bounds(net, lo, hi)
+    chain = Chain(net, root.bounds, lo, hi)
+    x0 = rng.uniform(lo, hi)
+    acts = net.forward(x0, keep=True)
+    splits = {r: numpy.where(chain.unstable(r, {}), numpy.where(acts[chain.relu_input[r]] >= 0, 1.0, -1.0), 0.0)
+              for r in chain.relus}
+    a = rng.normal(size=3)
+    value = float(net.forward(x0)[0] @ a)
+    zeros = {r: numpy.zeros_like(s) for r, s in splits.items()}
+
+    def domain(c):
+        return Domains(a[None], numpy.array([c]), numpy.array([0]), splits, initial_alpha(chain, 1, splits),
+                       zeros, numpy.array([-1.0]))
+
+    verdict, x = leaf_lp(net, chain, root, lo, hi, domain(-value - 0.1))  # x0 itself violates
+    assert verdict == "sat"
+    assert (x >= lo.ravel() - 1e-12).all() and (x <= hi.ravel() + 1e-12).all()
+    acts_x = net.forward(x.reshape(lo.shape), keep=True)
+    for r, s in splits.items():
+        assert (s * acts_x[chain.relu_input[r]] >= -1e-9).all()  # on the subdomain
+    assert float(net.forward(x.reshape(lo.shape))[0] @ a) - value - 0.1 <= 1e-9
+    verdict, _ = leaf_lp(net, chain, root, lo, hi, domain(-value + 50.0))
+    assert verdict == "unsat"
+
+
+def test_counterexample_found_by_branch_and_bound_replays_on_the_file():
+    """mnist_fc 256x2 prop_2_0.03 (sat in alpha-beta-CROWN's results): the falsifier's APGD misses
+    it; a BaB corner, moved into the file's float32 box, replays on onnxruntime and in float64."""
+    path = SHARED / "vnncomp" / "mnist_fc"
+    if not (path / "onnx" / "mnist-net_256x2.onnx.gz").exists():
+        pytest.skip(f"VNN-COMP mnist_fc not found at {path} (set ROBEVAL_SHARED to the shared folder)")
+    import robeval
+    from robeval.verify import read_vnnlib
+
+    spec = read_vnnlib(path / "vnnlib" / "prop_2_0.03.vnnlib.gz")
+    result = robeval.verify(path / "onnx" / "mnist-net_256x2.onnx.gz", spec, timeout=60)
+    assert result.status == "violated"
+    x = result.counterexample.x
+    case = spec.cases[0]
+    assert case.contains(x) and numpy.array_equal(x.astype(numpy.float32).astype(numpy.float64), x)

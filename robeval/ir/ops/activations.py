@@ -129,7 +129,8 @@ class _PiecewiseLinear(ElementwiseOp):
     ulps = 2.0  # a * x rounds, and so may the slope a itself (see interval)
 
     def slope(self, xp, node):
-        raise NotImplementedError
+        """The negative-side slope a (a scalar or per-entry array); each subclass says where it lives."""
+        raise TypeError(f"{type(self).__name__} must define slope(xp, node)")
 
     def forward(self, xp, node, x):
         return xp.where(x > 0, x, x * self.slope(xp, node))

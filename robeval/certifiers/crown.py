@@ -53,6 +53,7 @@ from ..backend import gamma, get_xp
 from ..errors import InvalidParameterError, RobevalError, UnsupportedOpError
 from ..ir.registry import ElementwiseOp, StructuralOp, get_op
 from .base import DEFAULT_MEMORY_MB, Certifier, input_box
+from .crown_patches import patch_bounds, patch_chain, pays
 from .crown_relax import Step, backward_rule, bdot, magnitude, relu_slopes_rule
 from .ibp import ibp_margin_bounds
 from .spec import split_margin_head
@@ -209,6 +210,9 @@ def bound_targets(net) -> list[str]:
 # ----------------------------------------------------------------------------- one batch
 class _Batch:
     """The bounds of one batch: the region, every node's bounds, and backward passes over them."""
+
+    #: bound convolutions in patches mode where that moves fewer floats (``crown_patches``)
+    patches = True
 
     def __init__(self, net, x, eps, norm, domain, box=None):
         """The region around ``x``; or, with ``box=(lo, hi)`` (arrays shaped like x, lo <= hi), that
@@ -464,7 +468,11 @@ class _Batch:
                 idx = xp.nonzero(((lo < 0) & (hi > 0)).any(axis=0))[0]
             if idx.size == 0:
                 continue
-            new_lo, new_hi = self.neuron_bounds(name, idx, cost.rows_per_chunk(name, self.n, budget))
+            chain = patch_chain(self.net, name) if self.patches else None
+            if chain is not None and pays(self, chain, int(idx.size)):
+                new_lo, new_hi = (a[:, idx] for a in patch_bounds(self, chain, budget - self.n * cost.fixed))
+            else:
+                new_lo, new_hi = self.neuron_bounds(name, idx, cost.rows_per_chunk(name, self.n, budget))
             lo, hi = lo.copy(), hi.copy()
             if pure:
                 lo[:, idx], hi[:, idx] = new_lo, new_hi

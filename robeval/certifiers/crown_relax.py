@@ -92,18 +92,26 @@ def split_signs(xp, lam):
     return lam - neg, neg
 
 
-def apply_lines(xp, lam, al, bl, au, bu, m, slack=0.0):
-    """Backward through elementwise lines al x + bl - slack <= f(x) <= au x + bu + slack (all (B, *shape)).
-
-    The slack enters the error bound, not the intercepts: lam+ . slack - lam- . slack = |lam| . slack.
-    Each new coefficient is one product (the other term is an exact zero), so its error is below
-    u |lam| max(|al|, |au|); the constant is a dot product of n terms (error gamma_n |lam| |b|)."""
-    pos, neg = split_signs(xp, lam)
-    dtype = lam.dtype
-    u = float(xp.finfo(dtype).eps) / 2
+def line_weight(xp, lines, lo, hi):
+    """Per-element error weight of a backward step through elementwise lines valid on [lo, hi]: the
+    rounding of the step (each new coefficient is one product, error below u |lam| max(|al|, |au|);
+    the constant is a dot product of n terms, error gamma_n |lam| |b|) plus ``line_slack``, by which
+    the computed lines may sit on the wrong side of the function. The slack enters the error bound,
+    not the intercepts: lam+ . slack - lam- . slack = |lam| . slack."""
+    al, bl, au, bu = lines
+    m = magnitude(xp, lo, hi)
+    slope, icpt = xp.maximum(xp.abs(al), xp.abs(au)), xp.maximum(xp.abs(bl), xp.abs(bu))
+    u = float(xp.finfo(lo.dtype).eps) / 2
     n = max(1, int(al[0].size))
-    weight = u * xp.maximum(xp.abs(al), xp.abs(au)) * m + gamma(n + 1, dtype) * xp.maximum(xp.abs(bl), xp.abs(bu))
-    const, err = signed_terms(xp, pos, neg, bl, bu, weight + slack)
+    return u * slope * m + gamma(n + 1, lo.dtype) * icpt + line_slack(xp, slope * m + icpt)
+
+
+def apply_lines(xp, lam, lines, weight):
+    """Backward through elementwise lines al x + bl <= f(x) <= au x + bu (all (B, *shape)), charging
+    |lam| . weight (``line_weight``) to the error bound."""
+    al, bl, au, bu = lines
+    pos, neg = split_signs(xp, lam)
+    const, err = signed_terms(xp, pos, neg, bl, bu, weight)
     if pos.shape[0] == al.shape[0]:  # per-sample coefficients already: scale in place
         pos *= al[:, None]
         neg *= au[:, None]
@@ -118,20 +126,21 @@ def elementwise_rule(xp, node, lam, bounds):
     return lines_rule(xp, lam, get_op(node.op).relax(xp, node, lo, hi), lo, hi)
 
 
-def relu_slopes_rule(xp, lam, lo, hi, alpha):
-    """ReLU with the lower slope ``alpha`` (clipped to [0, 1]) on unstable entries (alpha-CROWN):
+def relu_alpha_lines(xp, lo, hi, alpha):
+    """ReLU's lines with the lower slope ``alpha`` (clipped to [0, 1]) on unstable entries (alpha-CROWN):
     alpha x <= relu(x) for every x when 0 <= alpha <= 1, so any alpha is sound."""
     al, bl, au, bu = get_op("relu").relax(xp, None, lo, hi)
-    al = xp.where((lo < 0) & (hi > 0), xp.clip(alpha, 0.0, 1.0), al)
-    return lines_rule(xp, lam, (al, bl, au, bu), lo, hi)
+    return xp.where((lo < 0) & (hi > 0), xp.clip(alpha, 0.0, 1.0), al), bl, au, bu
+
+
+def relu_slopes_rule(xp, lam, lo, hi, alpha):
+    """ReLU with alpha-CROWN lower slopes (see ``relu_alpha_lines``)."""
+    return lines_rule(xp, lam, relu_alpha_lines(xp, lo, hi, alpha), lo, hi)
 
 
 def lines_rule(xp, lam, lines, lo, hi):
     """Backward through elementwise lines valid on [lo, hi], widened by ``line_slack``."""
-    al, bl, au, bu = lines
-    m = magnitude(xp, lo, hi)
-    slack = line_slack(xp, xp.maximum(xp.abs(al), xp.abs(au)) * m + xp.maximum(xp.abs(bl), xp.abs(bu)))
-    return apply_lines(xp, lam, al, bl, au, bu, m, slack)
+    return apply_lines(xp, lam, lines, line_weight(xp, lines, lo, hi))
 
 
 def max_lines(xp, lo, hi, valid=None):

@@ -1,8 +1,9 @@
 """2-D convolution (cross-correlation, as in ONNX/PyTorch) with stride, padding, dilation and groups.
 
-The forward pass is an im2col matrix product; the transpose scatters back one kernel offset at a
-time (a loop over kh*kw offsets, never over pixels or samples). The L2 operator-norm bound embeds the
-zero-padded convolution in a circular one on the padded grid and takes the exact largest singular
+The forward pass is an im2col matrix product; the transpose multiplies by the kernel per sample and
+scatters back one kernel offset at a time (a loop over kh*kw offsets, never over pixels or samples;
+see ``scatter_taps``). The L2 operator-norm bound embeds the zero-padded convolution in a circular
+one on the padded grid and takes the exact largest singular
 value over all Fourier frequencies (Sedghi et al. 2019): restriction and subsampling (stride) can only
 shrink the norm, so this is a guaranteed upper bound under the real padding and stride."""
 
@@ -53,6 +54,31 @@ def scatter_windows(xp, cols, in_shape, kernel, stride, dilation, pads):
     return out[:, :, t: t + h, l: l + w]
 
 
+def scatter_taps(xp, cols, in_hw, stride, dilation, pads):
+    """The transposed convolution's scatter: per-tap products (N, g, kh, kw, Cin/g, Ho, Wo) summed
+    into (N, g * Cin/g, H, W), dropping the padding (a view into a fresh array).
+
+    Tap (i, j) lands on padded rows i * dh + sh * y, i.e. on row (i * dh) // sh + y of the phase
+    (i * dh) % sh; accumulating per phase makes every addition a contiguous run of Wo floats (not
+    every sh-th one), and one interleaving copy at the end restores the grid. Each output entry gets
+    its terms in tap order, as a direct scatter would."""
+    n, groups, kh, kw, cin_g, ho, wo = cols.shape
+    h, w = in_hw
+    t, l, b, r = pads
+    sh, sw = stride
+    dh, dw = dilation
+    hq = max(-(-(h + t + b) // sh), (kh - 1) * dh // sh + ho)
+    wq = max(-(-(w + l + r) // sw), (kw - 1) * dw // sw + wo)
+    grid = xp.zeros((sh, sw, n, groups, cin_g, hq, wq), dtype=cols.dtype)
+    for i in range(kh):
+        row, p = divmod(i * dh, sh)
+        for j in range(kw):
+            col, q = divmod(j * dw, sw)
+            grid[p, q, :, :, :, row:row + ho, col:col + wo] += cols[:, :, i, j]
+    full = grid.transpose(2, 3, 4, 5, 0, 6, 1).reshape(n, groups * cin_g, hq * sh, wq * sw)
+    return full[:, :, t:t + h, l:l + w]
+
+
 def attrs_of(node):
     a = node.attrs
     return (tuple(a.get("stride", (1, 1))), tuple(a.get("padding", (0, 0, 0, 0))),
@@ -92,13 +118,11 @@ class Conv(AffineOp):
         weight = node.params["weight"]
         cout, cin_g, kh, kw = weight.shape
         n, _, ho, wo = g.shape
-        in_hw = node.attrs["in_shape"][1:]
-        gm = g.reshape(n, groups, cout // groups, ho, wo).transpose(1, 0, 3, 4, 2).reshape(groups, n * ho * wo, -1)
-        wmat = weight.reshape(groups, cout // groups, cin_g * kh * kw)
-        cols = xp.matmul(gm, wmat)  # (g, N*Ho*Wo, Cin/g*kh*kw)
-        cols = cols.reshape(groups, n, ho, wo, cin_g, kh, kw).transpose(1, 0, 4, 2, 3, 5, 6)
-        cols = cols.reshape(n, groups * cin_g, ho, wo, kh, kw)
-        return (scatter_windows(xp, cols, (n, groups * cin_g) + tuple(in_hw), (kh, kw), stride, dilation, pads),)
+        cg = cout // groups
+        wmat = weight.reshape(groups, cg, cin_g, kh, kw).transpose(0, 3, 4, 2, 1).reshape(groups, -1, cg)
+        cols = xp.matmul(wmat[None], g.reshape(n, groups, cg, ho * wo))  # (N, g, kh*kw*Cin/g, Ho*Wo)
+        cols = cols.reshape(n, groups, kh, kw, cin_g, ho, wo)
+        return (scatter_taps(xp, cols, tuple(node.attrs["in_shape"][1:]), stride, dilation, pads),)
 
     def fan_in(self, node):
         _, cin_g, kh, kw = node.params["weight"].shape

@@ -5,6 +5,7 @@ Ray runs as a real local cluster (2 CPUs, loopback, no dashboard); those tests s
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import os
 import subprocess
@@ -284,3 +285,35 @@ def test_audit_on_ray_equals_local_and_resumes_from_its_shards(ray_cluster, tmp_
     again = audit(model, "digits", executor="ray", workers=2, shards=folder, resume=True, **kw)
     assert faults.ran(log) == []  # every shard came from the folder
     assert json.loads(again.to_json())["metrics"] == a["metrics"]
+
+
+# ----------------------------------------------------------------------------- vnncomp run
+def test_vnncomp_run_on_several_workers_matches_the_local_run(executor, tmp_path):
+    """Instances run at once on real workers: the same verdicts as one at a time here, the CSV in the
+    instances' order, and the counterexample written by the driver."""
+    from test_verify import make_benchmark, relu_identity
+
+    from robeval.verify.vnncomp import read_results, run_benchmark
+
+    from verify_models import save, vnnlib_text
+
+    model = save(relu_identity(), tmp_path / "net.onnx.gz", compress=True)
+    ok = tmp_path / "holds.vnnlib"
+    ok.write_text(vnnlib_text([0.85, 0.05], [0.95, 0.15], [([1.0, -1.0], 0.0)]))
+    bad = tmp_path / "violated.vnnlib.gz"
+    bad.write_bytes(gzip.compress(vnnlib_text([0.4, 0.4], [0.6, 0.6], [([1.0, -1.0], 0.0)]).encode()))
+    bench = make_benchmark(tmp_path, (model, ok, bad))
+    local = [r.result for r in run_benchmark(bench, timeout=20)]
+    assert local == ["unsat", "sat", "unsat"]
+    seen = []
+    rows = list(run_benchmark(bench, timeout=20, executor=executor, counterexamples=tmp_path / "cex",
+                              report=lambda i, n, inst, row, note: seen.append(i)))
+    assert sorted(seen) == [1, 2, 3]
+    by_instance = dict(zip(seen, [r.result for r in rows]))
+    assert [by_instance[i] for i in (1, 2, 3)] == local
+    assert (tmp_path / "cex" / "net__violated.counterexample").read_text().startswith("sat\n(\n(X_0 ")
+    out = tmp_path / "results.csv"
+    res = CliRunner().invoke(main, ["vnncomp", "run", "--benchmark", str(bench), "--timeout", "20", "--out", str(out),
+                                    "--executor", executor.name, "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert [r.result for r in read_results(out)] == local  # the CSV keeps the instances' order

@@ -71,8 +71,14 @@ def vnncomp():
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="run only the first N instances")
 @click.option("--instances", default=None, help="the instances CSV, if not DIR/instances.csv")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--executor", type=click.Choice(["local", "process", "ray"]), default="local", show_default=True,
+              help="where instances run: here one at a time, or --workers at once on a process pool or Ray "
+                   "(each under its own time limit, BLAS at one thread per worker)")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="instances at once with --executor process/ray (default: the CPU count, or the cluster's)")
+@click.option("--ray-address", default=None, help="an existing Ray cluster to join (default: start a local one)")
 @reports_errors
-def run(benchmark, timeout, out_path, limit, instances, seed):
+def run(benchmark, timeout, out_path, limit, instances, seed, executor, workers, ray_address):
     """Verify every instance of --benchmark and write the competition's results CSV to --out, with
     one progress line per instance on stderr and the counterexamples of sat results in
     OUT_counterexamples/ beside it."""
@@ -82,17 +88,22 @@ def run(benchmark, timeout, out_path, limit, instances, seed):
     out.parent.mkdir(parents=True, exist_ok=True)
     cex_dir = out.with_name(out.stem + "_counterexamples")
     rows, errors = [], 0
+    order = {}  # rows finish in any order on several workers; the CSV keeps the instances' order
+
 
     def report(i, n, inst, row, note):
         nonlocal errors
         errors += row.result == "error"
+        order[id(row)] = i
         click.echo(f"[{i}/{n}] {inst.onnx} {inst.vnnlib}: {row.result} in {row.run_time:.2f}s "
                    f"(prepare {row.prepare_time:.2f}s; {note})", err=True)
 
     for row in run_benchmark(benchmark, timeout=timeout, limit=limit, instances=instances, seed=seed,
-                             counterexamples=cex_dir, report=report):
+                             counterexamples=cex_dir, report=report, executor=executor, workers=workers,
+                             address=ray_address):
         rows.append(row)
-        write_results(rows, out)  # rewritten after each instance: a long run keeps what it finished
+        # rewritten after each instance: a long run keeps what it finished
+        write_results(sorted(rows, key=lambda r: order[id(r)]), out)
     counts = {r: sum(row.result == r for row in rows) for r in ("unsat", "sat", "unknown", "timeout", "error")}
     click.echo(f"{len(rows)} instance(s): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     click.echo(f"wrote {out}", err=True)

@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..errors import RobevalError, SpecError
+from ..errors import InvalidParameterError, RobevalError, SpecError
 from .vnnlib import read_vnnlib
 
 #: Results a row may carry.
@@ -120,6 +121,7 @@ def _listed(benchmark: str, path: str) -> str:
 def run_benchmark(benchmark: str | Path, *, timeout: float | None = None, limit: int | None = None,
                   instances: str | Path | None = None, seed: int = 0, counterexamples: Path | None = None,
                   report: Callable[[int, int, Instance, ResultRow, str], None] | None = None,
+                  executor: Any = None, workers: int | None = None, address: str | None = None,
                   ) -> Iterator[ResultRow]:
     """Verify every instance (the first ``limit``), yielding one ``ResultRow`` each as it finishes.
 
@@ -127,40 +129,101 @@ def run_benchmark(benchmark: str | Path, *, timeout: float | None = None, limit:
         timeout: caps every instance's own limit when given.
         counterexamples: a folder for ``<onnx>__<vnnlib>.counterexample`` files of sat results.
         report: called as ``report(i, n, instance, row, note)`` after each instance.
+        executor: None or 'local' runs the instances one after another here; 'process' or 'ray' (or
+            an Executor) runs ``workers`` instances at once, each under its own time limit, with
+            BLAS held to one thread per worker. Rows are then yielded in the order they finish;
+            ``i`` in ``report`` is the instance's place in the list.
     """
+    root = Path(benchmark)
+    todo = read_instances(root, instances)[:limit]
+    shared = {"root": str(root), "name": root.resolve().name, "todo": todo, "timeout": timeout, "seed": seed,
+              "blas_threads": None}
+    if executor is None or executor == "local":
+        if workers not in (None, 1):
+            raise InvalidParameterError(f"workers={workers} needs executor='process' or 'ray'")
+        outcomes = ((i, True, _instance_task(shared, None, i)) for i in range(len(todo)))
+    else:
+        from ..executors import get_executor
+
+        runner = get_executor(executor, workers, address=address)
+        shared["blas_threads"] = 1 if runner.capacity > 1 else None
+        outcomes = _in_parallel(runner, shared, len(todo))
+    for i, ok, value in outcomes:
+        inst = todo[i]
+        if ok:
+            row, note, cex = value
+        else:  # the worker died or could not run the task: an error, never a verdict
+            row = ResultRow(shared["name"], _listed(shared["name"], inst.onnx), _listed(shared["name"], inst.vnnlib),
+                            0.0, "error", 0.0)
+            note, cex = f"error: {value}", None
+        if cex is not None and counterexamples is not None:
+            counterexamples.mkdir(parents=True, exist_ok=True)
+            file = counterexamples / f"{_base(inst.onnx).removesuffix('.onnx')}__" \
+                                     f"{_base(inst.vnnlib).removesuffix('.vnnlib')}.counterexample"
+            file.write_text(cex)
+            note += f"; counterexample: {file}"
+        if report is not None:
+            report(i + 1, len(todo), inst, row, note)
+        yield row
+
+
+def _in_parallel(runner, shared, n: int):
+    """(index, ok, value) of every instance as it finishes, at most ``runner.capacity`` at once."""
+    from ..executors import Shard
+
+    session = runner.session(shared)
+    try:
+        queue, running = list(range(n)), 0
+        while queue or running:
+            while queue and running < runner.capacity:
+                i = queue.pop(0)
+                session.submit(_instance_task, Shard(i, i, i + 1), i)
+                running += 1
+            for shard, ok, value in session.wait():
+                running -= 1
+                yield shard.index, ok, value
+    finally:
+        session.close()
+
+
+_MODELS: dict = {}  # prepared models of this process, by ONNX path (each worker keeps its own)
+
+
+def _instance_task(shared: dict, shard: Any, i: int):
+    """Verify instance ``i``: (ResultRow, note, counterexample text or None). A module-level function,
+    so that process and Ray workers can run it."""
+    import contextlib
+
     from .verifier import prepare_model, verify
 
-    root = Path(benchmark)
-    name = root.resolve().name
-    todo = read_instances(root, instances)[:limit]
-    models: dict[Path, object] = {}
-    for i, inst in enumerate(todo, 1):
-        t0 = time.perf_counter()
-        note, result, prepare, run = "", "error", 0.0, 0.0
+    inst, name = shared["todo"][i], shared["name"]
+    limits = contextlib.nullcontext()
+    if shared["blas_threads"]:
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(limits=shared["blas_threads"], user_api="blas")
+    t0 = time.perf_counter()
+    note, result, prepare, run, cex = "", "error", 0.0, 0.0, None
+    with limits:
         try:
-            if inst.onnx_file not in models:
-                models[inst.onnx_file] = prepare_model(inst.onnx_file)
+            key = str(inst.onnx_file)
+            if key not in _MODELS:
+                _MODELS[key] = prepare_model(inst.onnx_file)
             prepare = time.perf_counter() - t0
             t1 = time.perf_counter()
+            timeout = shared["timeout"]
             limit_s = inst.timeout if timeout is None else min(inst.timeout, float(timeout))
             spec = read_vnnlib(inst.vnnlib_file)
-            res = verify(models[inst.onnx_file], spec, timeout=limit_s, seed=seed)
+            res = verify(_MODELS[key], spec, timeout=limit_s, seed=shared["seed"])
             run = time.perf_counter() - t1
             result = res.vnncomp
             note = f"limit {limit_s:g}s"
-            if res.counterexample is not None and counterexamples is not None:
-                counterexamples.mkdir(parents=True, exist_ok=True)
-                file = counterexamples / f"{_base(inst.onnx).removesuffix('.onnx')}__" \
-                                         f"{_base(inst.vnnlib).removesuffix('.vnnlib')}.counterexample"
-                file.write_text(res.counterexample.to_vnncomp())
-                note += f"; counterexample: {file}"
+            if res.counterexample is not None:
+                cex = res.counterexample.to_vnncomp()
         except RobevalError as exc:
             run = time.perf_counter() - t0 - prepare
             note = f"error: {str(exc).splitlines()[0]}"
-        row = ResultRow(name, _listed(name, inst.onnx), _listed(name, inst.vnnlib), prepare, result, run)
-        if report is not None:
-            report(i, len(todo), inst, row, note)
-        yield row
+    return ResultRow(name, _listed(name, inst.onnx), _listed(name, inst.vnnlib), prepare, result, run), note, cex
 
 
 def write_results(rows: list[ResultRow], path: str | Path) -> None:

@@ -879,3 +879,25 @@ def test_interval_is_sound_for_parameters_of_any_sign_and_scale(case, scale):
                 m = np.maximum(np.abs(lo), np.abs(hi))
                 slack = line_slack(np, np.maximum(np.abs(a_l), np.abs(a_u)) * m + np.maximum(np.abs(b_l), np.abs(b_u)))
                 _assert_inside(f, a_l * pts + b_l - slack, a_u * pts + b_u + slack, f"{case.id} relax x{scale}")
+
+
+@pytest.mark.parametrize("cin,cout,hw,k,stride,pads", [
+    (8, 16, 14, 4, (2, 2), (1, 1, 1, 1)), (4, 6, 11, 3, (2, 2), (2, 3, 2, 2)), (3, 5, 10, 5, (3, 3), (0, 0, 0, 0)),
+    (6, 2, 9, 2, (3, 2), (1, 0, 2, 1)), (4, 4, 7, 1, (2, 2), (0, 0, 1, 1))])
+def test_strided_conv_transpose_as_one_gemm_equals_the_tap_scatter(cin, cout, hw, k, stride, pads, monkeypatch):
+    """phase_transpose (one matrix product over stride phases) against the tap-by-tap scatter and
+    the adjoint identity <conv(x), g> = <x, conv^T(g)>."""
+    from robeval.ir.ops import conv as conv_module
+
+    rng = np.random.default_rng(cin * 100 + k)
+    node = Node("c", "conv", ("x",), {"weight": rng.normal(size=(cout, cin, k, k))},
+                {"stride": stride, "padding": pads, "in_shape": (cin, hw, hw + 2)})
+    op = get_op("conv")
+    x = rng.normal(size=(3, cin, hw, hw + 2))
+    g = rng.normal(size=op.linear(np, node, x).shape)
+    fast = op.linear_t(np, node, g)[0]
+    monkeypatch.setattr(conv_module, "PHASE_GEMM_MIN", 10**9)
+    slow = op.linear_t(np, node, g)[0]
+    assert fast.shape == slow.shape == x.shape
+    assert np.abs(fast - slow).max() <= 1e-12 * np.abs(slow).max()
+    assert abs((op.linear(np, node, x) * g).sum() - (fast * x).sum()) <= 1e-10 * np.abs(g).sum()

@@ -79,6 +79,40 @@ def scatter_taps(xp, cols, in_hw, stride, dilation, pads):
     return full[:, :, t:t + h, l:l + w]
 
 
+#: Phase outputs x input channels (sh * sw * Cin) from which a strided transpose runs as one GEMM.
+PHASE_GEMM_MIN = 16
+
+
+def phase_transpose(xp, g, weight, stride, pads, in_hw):
+    """The transpose of a strided convolution (groups 1, no dilation) as one matrix product.
+
+    Kernel row a = sh * m + p (zero-padded to a multiple of sh) sends g[i] to padded row
+    sh * (i + m) + p: phase p of the input is an ordinary correlation of g (padded by mh - 1) with
+    the kernel rows of that phase, flipped in m. All sh * sw phases read the same (mh x mw) windows
+    of g, so their kernels stack into one (Cout * mh * mw, sh * sw * Cin) matrix, and one
+    interleaving copy restores the grid. Each entry sums the products of the direct scatter, plus
+    exact zeros."""
+    cout, cin, kh, kw = weight.shape
+    n = g.shape[0]
+    h, w = in_hw
+    t, l, _, _ = pads
+    sh, sw = stride
+    mh, mw = -(-kh // sh), -(-kw // sw)
+    padded = xp.zeros((cout, cin, mh * sh, mw * sw), dtype=weight.dtype)
+    padded[:, :, :kh, :kw] = weight
+    flipped = padded.reshape(cout, cin, mh, sh, mw, sw)[:, :, ::-1, :, ::-1, :]  # (c, ci, m', p, n', q)
+    kmat = flipped.transpose(0, 2, 4, 3, 5, 1).reshape(cout * mh * mw, sh * sw * cin)
+    win = windows(xp, pad2d(xp, g, (mh - 1, mw - 1, mh - 1, mw - 1)), (mh, mw), (1, 1), (1, 1))
+    hq, wq = win.shape[2:4]
+    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * hq * wq, cout * mh * mw)
+    out = xp.matmul(cols, kmat).reshape(n, hq, wq, sh, sw, cin).transpose(0, 5, 1, 3, 2, 4)
+    out = out.reshape(n, cin, hq * sh, wq * sw)
+    short_h, short_w = max(0, t + h - hq * sh), max(0, l + w - wq * sw)
+    if short_h or short_w:  # input rows past every window's reach: no term reaches them
+        out = pad2d(xp, out, (0, 0, short_h, short_w))
+    return out[:, :, t:t + h, l:l + w]
+
+
 def attrs_of(node):
     a = node.attrs
     return (tuple(a.get("stride", (1, 1))), tuple(a.get("padding", (0, 0, 0, 0))),
@@ -118,11 +152,14 @@ class Conv(AffineOp):
         weight = node.params["weight"]
         cout, cin_g, kh, kw = weight.shape
         n, _, ho, wo = g.shape
+        in_hw = tuple(node.attrs["in_shape"][1:])
+        if groups == 1 and dilation == (1, 1) and stride != (1, 1) and stride[0] * stride[1] * cin_g >= PHASE_GEMM_MIN:
+            return (phase_transpose(xp, g, weight, stride, pads, in_hw),)
         cg = cout // groups
         wmat = weight.reshape(groups, cg, cin_g, kh, kw).transpose(0, 3, 4, 2, 1).reshape(groups, -1, cg)
         cols = xp.matmul(wmat[None], g.reshape(n, groups, cg, ho * wo))  # (N, g, kh*kw*Cin/g, Ho*Wo)
         cols = cols.reshape(n, groups, kh, kw, cin_g, ho, wo)
-        return (scatter_taps(xp, cols, tuple(node.attrs["in_shape"][1:]), stride, dilation, pads),)
+        return (scatter_taps(xp, cols, in_hw, stride, dilation, pads),)
 
     def fan_in(self, node):
         _, cin_g, kh, kw = node.params["weight"].shape

@@ -463,40 +463,61 @@ class _Batch:
                 continue
             lo, hi = (a.reshape(self.n, -1) for a in self.bounds[name])
             if pure or not all(c.op in SIGN_STABLE for c in self.net.consumers(name)):
-                idx = xp.arange(lo.shape[1])
+                idx, unstable = xp.arange(lo.shape[1]), None
             else:
-                idx = xp.nonzero(((lo < 0) & (hi > 0)).any(axis=0))[0]
+                unstable = (lo < 0) & (hi > 0)
+                idx = xp.nonzero(unstable.any(axis=0))[0]
             if idx.size == 0:
                 continue
             chain = patch_chain(self.net, name) if self.patches else None
+            lo, hi = lo.copy(), hi.copy()
             if chain is not None and pays(self, chain, int(idx.size)):
                 new_lo, new_hi = (a[:, idx] for a in patch_bounds(self, chain, budget - self.n * cost.fixed))
             else:
+                idx = self.per_sample(unstable, idx)
                 new_lo, new_hi = self.neuron_bounds(name, idx, cost.rows_per_chunk(name, self.n, budget))
-            lo, hi = lo.copy(), hi.copy()
+            at = (slice(None), idx) if idx.ndim == 1 else (xp.arange(self.n)[:, None], idx)
             if pure:
-                lo[:, idx], hi[:, idx] = new_lo, new_hi
+                lo[at], hi[at] = new_lo, new_hi
             else:
-                lo[:, idx] = xp.maximum(lo[:, idx], new_lo)
-                hi[:, idx] = xp.minimum(hi[:, idx], new_hi)
+                lo[at] = xp.maximum(lo[at], new_lo)
+                hi[at] = xp.minimum(hi[at], new_hi)
             shape = (self.n,) + self.shapes[name]
             self.bounds[name] = (lo.reshape(shape), hi.reshape(shape))
 
+    def per_sample(self, unstable, idx):
+        """The neurons to bound: ``idx`` (k,), unstable in some sample of the batch, or per sample
+        (B, k') when each sample's own unstable ones are much fewer (k' <= 0.8 k; a sample with fewer
+        than k' fills its row with stable neurons, whose bounds can only tighten too). Each row of a
+        backward pass is its own computation, so a neuron bounded either way gets the same number; one
+        left out is stable in that sample, where its relaxation is exact whatever its bounds (they
+        enter only the rounding allowance)."""
+        if unstable is None or self.n == 1:
+            return idx
+        xp = self.xp
+        most = int(unstable.sum(axis=1).max())
+        if most > 0.8 * int(idx.size):
+            return idx
+        return xp.argsort(~unstable, axis=1)[:, :most]  # any order puts the unstable ones first
+
     def neuron_bounds(self, name, idx, rows):
-        """CROWN lower and upper bounds (B, k) of the neurons ``idx`` of node ``name``, in chunks of
-        ``rows`` specification rows (a neuron takes two: +e_i for its lower bound, -e_i for its upper)."""
+        """CROWN lower and upper bounds (B, k) of the neurons ``idx`` of node ``name`` (shared (k,)
+        or per sample (B, k)), in chunks of ``rows`` specification rows (a neuron takes two: +e_i for
+        its lower bound, -e_i for its upper)."""
         xp = self.xp
         size = math.prod(self.shapes[name])
         lows, highs = [], []
         per = max(1, rows // 2)
-        for start in range(0, int(idx.size), per):
-            chunk = idx[start:start + per]
-            k = int(chunk.size)
-            spec = xp.zeros((1, 2 * k, size), dtype=self.dtype)
-            spec[0, xp.arange(k), chunk] = 1.0
-            spec[0, k + xp.arange(k), chunk] = -1.0
+        for start in range(0, int(idx.shape[-1]), per):
+            chunk = idx[..., start:start + per]
+            k = int(chunk.shape[-1])
+            b = 1 if chunk.ndim == 1 else self.n
+            at = (0,) if chunk.ndim == 1 else (xp.arange(b)[:, None],)
+            spec = xp.zeros((b, 2 * k, size), dtype=self.dtype)
+            spec[at + (xp.arange(k), chunk)] = 1.0
+            spec[at + (k + xp.arange(k), chunk)] = -1.0
             zeros = xp.zeros((self.n, 2 * k), dtype=self.dtype)
-            lower = self.backward(name, spec.reshape((1, 2 * k) + self.shapes[name]), zeros, zeros)
+            lower = self.backward(name, spec.reshape((b, 2 * k) + self.shapes[name]), zeros, zeros)
             lows.append(lower[:, :k])
             highs.append(-lower[:, k:])
         return xp.concatenate(lows, axis=1), xp.concatenate(highs, axis=1)

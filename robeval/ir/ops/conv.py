@@ -84,29 +84,30 @@ PHASE_GEMM_MIN = 16
 
 
 def phase_transpose(xp, g, weight, stride, pads, in_hw):
-    """The transpose of a strided convolution (groups 1, no dilation) as one matrix product.
+    """The transpose of a strided convolution (groups 1, no dilation) as one matrix product per sample.
 
     Kernel row a = sh * m + p (zero-padded to a multiple of sh) sends g[i] to padded row
-    sh * (i + m) + p: phase p of the input is an ordinary correlation of g (padded by mh - 1) with
-    the kernel rows of that phase, flipped in m. All sh * sw phases read the same (mh x mw) windows
-    of g, so their kernels stack into one (Cout * mh * mw, sh * sw * Cin) matrix, and one
-    interleaving copy restores the grid. Each entry sums the products of the direct scatter, plus
-    exact zeros."""
+    sh * (i + m) + p: phase p of the input is a sum over m of g shifted down by m, times the kernel
+    rows of that phase. The mh x mw shifted copies of g stack into (N, Cout * mh * mw, Hq * Wq),
+    channels first like g, so a (sh * sw * Cin, Cout * mh * mw) kernel matrix gives every phase at
+    once, and one interleaving copy restores the grid. Each entry sums the products of the direct
+    scatter, plus exact zeros."""
     cout, cin, kh, kw = weight.shape
-    n = g.shape[0]
+    n, _, ho, wo = g.shape
     h, w = in_hw
     t, l, _, _ = pads
     sh, sw = stride
     mh, mw = -(-kh // sh), -(-kw // sw)
     padded = xp.zeros((cout, cin, mh * sh, mw * sw), dtype=weight.dtype)
     padded[:, :, :kh, :kw] = weight
-    flipped = padded.reshape(cout, cin, mh, sh, mw, sw)[:, :, ::-1, :, ::-1, :]  # (c, ci, m', p, n', q)
-    kmat = flipped.transpose(0, 2, 4, 3, 5, 1).reshape(cout * mh * mw, sh * sw * cin)
-    win = windows(xp, pad2d(xp, g, (mh - 1, mw - 1, mh - 1, mw - 1)), (mh, mw), (1, 1), (1, 1))
-    hq, wq = win.shape[2:4]
-    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * hq * wq, cout * mh * mw)
-    out = xp.matmul(cols, kmat).reshape(n, hq, wq, sh, sw, cin).transpose(0, 5, 1, 3, 2, 4)
-    out = out.reshape(n, cin, hq * sh, wq * sw)
+    kmat = padded.reshape(cout, cin, mh, sh, mw, sw).transpose(3, 5, 1, 0, 2, 4).reshape(sh * sw * cin, -1)
+    hq, wq = ho + mh - 1, wo + mw - 1
+    shifted = xp.zeros((n, cout, mh, mw, hq, wq), dtype=g.dtype)
+    for m in range(mh):
+        for q in range(mw):
+            shifted[:, :, m, q, m:m + ho, q:q + wo] = g
+    out = xp.matmul(kmat, shifted.reshape(n, cout * mh * mw, hq * wq))  # (N, sh * sw * Cin, Hq * Wq)
+    out = out.reshape(n, sh, sw, cin, hq, wq).transpose(0, 3, 4, 1, 5, 2).reshape(n, cin, hq * sh, wq * sw)
     short_h, short_w = max(0, t + h - hq * sh), max(0, l + w - wq * sw)
     if short_h or short_w:  # input rows past every window's reach: no term reaches them
         out = pad2d(xp, out, (0, 0, short_h, short_w))

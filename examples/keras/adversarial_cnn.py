@@ -42,11 +42,11 @@ def accuracy(model, x, y) -> float:
     return float(np.mean(np.argmax(model.predict(x, batch_size=1000, verbose=0), axis=1) == y))
 
 
-def pgd_accuracy(model, x, y, eps: list[float], steps: int, progress: bool = True) -> list[float]:
-    """White-box PGD robust accuracy at each radius (robeval's attack on the Keras model)."""
+def pgd_accuracy(model, x, y, eps: list[float], steps: int, seed: int, progress: bool = True) -> list[float]:
+    """White-box PGD robust accuracy at each radius (robeval's attack on the Keras model; random starts from seed)."""
     import robeval
 
-    report = robeval.attack(model, (np.transpose(x, (0, 3, 1, 2)), y), attack="pgd", eps=eps, steps=steps, seed=0,
+    report = robeval.attack(model, (np.transpose(x, (0, 3, 1, 2)), y), attack="pgd", eps=eps, steps=steps, seed=seed,
                             progress=progress)
     for warning in report.warnings:
         print("warning:", warning)
@@ -92,7 +92,7 @@ def main() -> None:
     radii = [float(e) for e in args.pgd_eps.split(",")]
     steps, n = (10, 200) if args.quick else (args.pgd_steps, len(xte))
     for name, model in (("base", base), ("adv-regularised", adv_model.base_model)):
-        for eps, acc in zip(radii, pgd_accuracy(model, xte[:n], yte[:n], radii, steps, not args.quick)):
+        for eps, acc in zip(radii, pgd_accuracy(model, xte[:n], yte[:n], radii, steps, args.seed, not args.quick)):
             rows[f"{name}: PGD-{steps} accuracy, eps={eps}"] = acc
     rows |= {
         "base training time": f"{base_seconds:.1f} s",

@@ -36,11 +36,11 @@ def perturb_against(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: fl
     return torch.cat([attack.perturb(x[i:i + 1000], y[i:i + 1000]) for i in range(0, len(x), 1000)])
 
 
-def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], steps: int,
+def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: list[float], steps: int, seed: int,
                  progress: bool = True) -> list[float]:
-    """White-box PGD robust accuracy at each radius (robeval's attack; it re-checks every success)."""
+    """White-box PGD robust accuracy at each radius (robeval's attack, random starts from seed; re-checks successes)."""
     report = robeval.attack(model.eval(), (x.numpy(), y.numpy()), attack="pgd", eps=eps, steps=steps,
-                            input_shape=tuple(x.shape[1:]), seed=0, progress=progress)
+                            input_shape=tuple(x.shape[1:]), seed=seed, progress=progress)
     for warning in report.warnings:
         print("warning:", warning)
     return [float(a) for a in report.robust_accuracy]
@@ -72,7 +72,7 @@ def main() -> None:
     radii = [float(e) for e in args.pgd_eps.split(",")]
     steps, n = (10, 200) if args.quick else (args.pgd_steps, len(xte))
     for name, model in (("base", base), ("adv-regularised", robust)):
-        for eps, acc in zip(radii, pgd_accuracy(model, xte[:n], yte[:n], radii, steps, not args.quick)):
+        for eps, acc in zip(radii, pgd_accuracy(model, xte[:n], yte[:n], radii, steps, args.seed, not args.quick)):
             rows[f"{name}: PGD-{steps} accuracy, eps={eps}"] = acc
     report(f"adversarial_cnn ({epochs} epochs, {len(xtr)} training images)", rows, timer())
 

@@ -118,7 +118,7 @@ def test_chain_bound_matches_rigorous_and_gradients_match_finite_differences():
     net = as_verification_network(random_mlp(rng, (5, 12, 12, 12, 4)))
     lo, hi = _box(rng, net, 0.3)
     root = box_bounds(net, lo, hi)
-    chain = Chain(net, root.bounds, lo, hi)
+    chain = Chain(net, root.bounds, lo, hi, dtype=numpy.float64)
     n = 4
     splits, alpha, beta = _random_parameters(rng, chain, n, lo, hi)
     alpha = {k: numpy.clip(v, 0, 1) for k, v in alpha.items()}
@@ -127,6 +127,10 @@ def test_chain_bound_matches_rigorous_and_gradients_match_finite_differences():
     rigorous = domain_lower(net, root, lo, hi, A, c, alpha, beta, splits, chain.relu_input)
     numpy.testing.assert_allclose(result.bound, rigorous, rtol=1e-9, atol=1e-9)
     assert (rigorous <= result.bound).all()  # the rigorous one adds its rounding allowance
+    fast = Chain(net, root.bounds, lo, hi).evaluate(A, c, alpha, beta, splits)  # the default, float32
+    numpy.testing.assert_allclose(fast.bound, rigorous, rtol=1e-5, atol=1e-5)
+    for relu, g in result.grad_alpha.items():
+        numpy.testing.assert_allclose(fast.grad_alpha[relu], g, rtol=1e-4, atol=1e-5)
     h = 1e-7
     compared = 0
     for params, grads in ((alpha, result.grad_alpha), (beta, result.grad_beta)):
@@ -301,9 +305,11 @@ def _milp_minimum(net, lo, hi, row):
     return float(res.fun + row @ last.params["bias"])
 
 
-def test_verdicts_against_exact_milp_minima():
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_verdicts_against_exact_milp_minima(dtype):
     """Tiny networks, exact minima from a MILP: 'unsat' never where the minimum is <= 0, and (BaB
-    complete enough) every case whose minimum is clearly positive is proven."""
+    complete enough) every case whose minimum is clearly positive is proven, with the optimiser in
+    either dtype."""
     seen_safe = seen_unsafe = 0
     for seed in range(16):
         rng = numpy.random.default_rng(500 + seed)
@@ -316,7 +322,7 @@ def test_verdicts_against_exact_milp_minima():
             sampled = (net.forward(_samples(rng, lo, hi, 2000)) @ row).min()
             assert exact <= sampled + 1e-7  # the oracle is a true minimum (no point below it)
             status, details = prove_case(net, _case(lo, hi, [row]), time.perf_counter() + 20,
-                                         settings=BabSettings(batch=16, max_domains=4000))
+                                         settings=BabSettings(batch=16, max_domains=4000, dtype=dtype))
             if exact < -1e-7:
                 seen_unsafe += 1
                 assert status != "unsat", (seed, j, exact, details)

@@ -18,11 +18,13 @@ respect to the coefficients at a node is the "signal" obtained by pushing the bo
 minimises the last step (x* = lo where lam_0 > 0, else hi) forwards through the chosen lines. So one
 backward and one forward pass give the bound and its exact (sub)gradient in every alpha and beta.
 
-These bounds are computed without rounding terms and serve only to choose parameters; the verdict
-always comes from ``robeval.verify.bounds`` (rigorous) with the chosen parameters."""
+These bounds are computed without rounding terms, in float32 by default (half the memory traffic
+and twice the GEMM speed of float64), and serve only to choose parameters; the verdict always comes
+from ``robeval.verify.bounds`` (rigorous, float64) with the chosen parameters."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy
@@ -63,11 +65,17 @@ class ChainBound:
 
 
 class Chain:
-    """The chain engine over fixed node bounds (from the rigorous engine, B = 1 or per domain)."""
+    """The chain engine over fixed node bounds (from the rigorous engine, B = 1 or per domain).
 
-    def __init__(self, net, bounds: dict, lo, hi):
+    ``nodes`` keep the network's float64 parameters (exact affine pieces for the leaf LPs); the
+    optimiser's passes run on a copy in ``dtype``. Node bounds, and so which neurons are stable, stay
+    float64."""
+
+    def __init__(self, net, bounds: dict, lo, hi, dtype=numpy.float32):
         self.net = net
         self.nodes = chain_nodes(net)
+        self.dtype = numpy.dtype(dtype)
+        self.fast = list(net.astype(self.dtype).nodes) if self.dtype != numpy.float64 else self.nodes
         self.bounds = bounds  # node name -> (lo, hi), each (b, *shape) with b in {1, B}
         self.lo = numpy.asarray(lo, dtype=numpy.float64).reshape(lo.shape[0], -1)
         self.hi = numpy.asarray(hi, dtype=numpy.float64).reshape(hi.shape[0], -1)
@@ -75,6 +83,7 @@ class Chain:
         self.relu_input = {n.name: n.inputs[0] for n in self.nodes if n.op == "relu"}
         self.shapes = net.shapes()
         self._bias = {n.name: get_op(n.op).bias(numpy, n) for n in self.nodes if get_op(n.op).affine}
+        self._fast_bias = {n.name: get_op(n.op).bias(numpy, n) for n in self.fast if get_op(n.op).affine}
 
     def pre_bounds(self, relu, splits):
         """(lo, hi) of the ReLU's input with the subdomain's splits applied (s = +1: h >= 0, -1: h <= 0)."""
@@ -90,7 +99,8 @@ class Chain:
 
     def lines(self, splits: dict) -> dict:
         """Per nonlinear node: (free, al, bl, au, bu), its relaxation lines on the domains' bounds
-        (free: the unstable ReLU entries where alpha applies). They change only with the splits."""
+        (free: the unstable ReLU entries where alpha applies), computed in float64 and stored in the
+        engine's dtype. They change only with the splits."""
         out = {}
         for node in self.nodes:
             op = get_op(node.op)
@@ -100,7 +110,7 @@ class Chain:
                 lo, hi = self.pre_bounds(node.name, splits)
             else:
                 lo, hi = self.bounds[node.inputs[0]]
-            al, bl, au, bu = op.relax(numpy, node, lo, hi)
+            al, bl, au, bu = (numpy.asarray(a, dtype=self.dtype) for a in op.relax(numpy, node, lo, hi))
             out[node.name] = ((lo < 0) & (hi > 0) if node.op == "relu" else None, al, bl, au, bu)
         return out
 
@@ -109,14 +119,18 @@ class Chain:
         """The bound of c + A . f(x) (A (B, K), c (B,)) per domain, and its gradients; ``lines``:
         ``self.lines(splits)`` when the caller has it."""
         lines = self.lines(splits) if lines is None else lines
+        dt = self.dtype
+        alpha = {k: v.astype(dt, copy=False) for k, v in alpha.items()}
+        beta = {k: v.astype(dt, copy=False) for k, v in beta.items()}
+        splits = {k: v.astype(dt, copy=False) for k, v in splits.items()}
         n = A.shape[0]
-        lam = A.reshape((n,) + self.shapes[self.net.output_name]).astype(numpy.float64)
+        lam = A.reshape((n,) + self.shapes[self.net.output_name]).astype(dt)
         const = numpy.asarray(c, dtype=numpy.float64).copy()
         saved, lam_out = {}, {}
-        for node in reversed(self.nodes):
+        for node in reversed(self.fast):
             op = get_op(node.op)
             if op.affine:
-                bias = self._bias[node.name]
+                bias = self._fast_bias[node.name]
                 if bias is not None:
                     const += (lam * bias).reshape(n, -1).sum(axis=1)
                 lam = op.linear_t(numpy, node, lam)[0]
@@ -136,12 +150,12 @@ class Chain:
         bound = const + (flat * corner).sum(axis=1)
         grad_alpha, grad_beta = {}, {}
         if need_grad:
-            g = corner.reshape((n,) + tuple(self.net.input_shape))
-            for node in self.nodes:
+            g = corner.reshape((n,) + tuple(self.net.input_shape)).astype(dt)
+            for node in self.fast:
                 op = get_op(node.op)
                 if op.affine:
                     g = op.linear(numpy, node, g)
-                    bias = self._bias[node.name]
+                    bias = self._fast_bias[node.name]
                     if bias is not None:
                         g = g + bias
                     continue
@@ -155,7 +169,8 @@ class Chain:
 
 
 class Adam:
-    """Projected Adam ascent on a dict of arrays (alpha clipped to [0, 1], beta to >= 0)."""
+    """Projected Adam ascent on a dict of arrays (alpha clipped to [0, 1], beta to >= 0), updated in
+    place in the parameters' own dtype."""
 
     def __init__(self, params: dict, lr: float, low: float, high: float):
         self.params, self.lr, self.low, self.high = params, lr, low, high
@@ -166,14 +181,21 @@ class Adam:
     def step(self, grads: dict, active=None):
         self.t += 1
         b1, b2 = 0.9, 0.999
+        rate = self.lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)  # both bias corrections
         for k, g in grads.items():
             if active is not None:
                 g = g * active.reshape((-1,) + (1,) * (g.ndim - 1))
-            self.m[k] = b1 * self.m[k] + (1 - b1) * g
-            self.v[k] = b2 * self.v[k] + (1 - b2) * g * g
-            mh = self.m[k] / (1 - b1 ** self.t)
-            vh = self.v[k] / (1 - b2 ** self.t)
-            self.params[k] = numpy.clip(self.params[k] + self.lr * mh / (numpy.sqrt(vh) + 1e-8), self.low, self.high)
+            m, v, p = self.m[k], self.v[k], self.params[k]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            step = numpy.sqrt(v)
+            step += 1e-8 * math.sqrt(1 - b2 ** self.t)
+            numpy.divide(m, step, out=step)
+            step *= rate
+            p += step
+            numpy.clip(p, self.low, self.high, out=p)
 
 
 def initial_alpha(chain: Chain, n: int, splits: dict) -> dict:
@@ -190,6 +212,10 @@ def optimise(chain: Chain, A, c, alpha: dict, beta: dict, splits: dict, iteratio
              lr_alpha: float = 0.1, lr_beta: float = 0.05, stop_at: float = 0.0):
     """Maximise the chain bound over alpha (and beta) by projected Adam; returns the best parameters
     seen per domain and their (unrounded) bounds. Domains whose bound passes ``stop_at`` stop moving."""
+    dt = chain.dtype  # the optimiser's state lives in the engine's dtype; results go back as float64
+    alpha = {k: v.astype(dt) for k, v in alpha.items()}
+    beta = {k: v.astype(dt) for k, v in beta.items()}
+    splits = {k: v.astype(dt, copy=False) for k, v in splits.items()}
     opt_a = Adam(alpha, lr_alpha, 0.0, 1.0)
     opt_b = Adam(beta, lr_beta, 0.0, numpy.inf) if beta else None
     lines = chain.lines(splits)
@@ -217,6 +243,8 @@ def optimise(chain: Chain, A, c, alpha: dict, beta: dict, splits: dict, iteratio
         best_alpha[k][better] = opt_a.params[k][better]
     for k in best_beta:
         best_beta[k][better] = opt_b.params[k][better]
+    best_alpha = {k: v.astype(numpy.float64, copy=False) for k, v in best_alpha.items()}
+    best_beta = {k: v.astype(numpy.float64, copy=False) for k, v in best_beta.items()}
     return best_alpha, best_beta, numpy.maximum(best, final)
 
 

@@ -28,7 +28,8 @@ from .bounds import domain_lower
 class BabSettings:
     """batch: domains split per round (2 x batch children bounded at once); iterations: optimiser
     steps per round; max_domains: the most open domains kept (beyond it: 'unknown'); candidates:
-    neurons tried per domain when choosing a split (1: the best-scored one, no trial)."""
+    neurons tried per domain when choosing a split (1: the best-scored one, no trial); dtype: the
+    optimiser's arithmetic (verdicts are always recomputed in float64 by the rigorous engine)."""
 
     batch: int = 128
     iterations: int = 15
@@ -38,6 +39,7 @@ class BabSettings:
     candidates: int = 3
     lr_alpha: float = 0.1
     lr_beta: float = 0.05
+    dtype: str = "float32"
 
 
 @dataclass

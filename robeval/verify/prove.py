@@ -65,7 +65,7 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     if not len(todo):
         return "unsat", {**details, "stage": "crown", "time": time.perf_counter() - start}
     try:
-        chain = Chain(net, root.bounds, lo, hi)
+        chain = Chain(net, root.bounds, lo, hi, settings.dtype)
     except NotAChain as exc:
         details["note"] = f"alpha-CROWN and branch and bound need a chain network: {exc}"
         return "unknown", {**details, "stage": "crown", "time": time.perf_counter() - start}
@@ -74,7 +74,7 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     # alpha-CROWN: intermediate bounds first (they limit everything after), then the open rows
     details["stabilised"] = tighten_intermediate(net, root, lo, hi, settings.intermediate_iterations, deadline,
                                                  settings.lr_alpha)
-    chain = Chain(net, root.bounds, lo, hi)
+    chain = Chain(net, root.bounds, lo, hi, settings.dtype)
     rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
     alpha = initial_alpha(chain, len(rows), {})
     alpha, _, _ = optimise(chain, A[rows], c[rows], alpha, {}, {}, settings.root_iterations, settings.lr_alpha)

@@ -214,9 +214,10 @@ class _Batch:
     #: bound convolutions in patches mode where that moves fewer floats (``crown_patches``)
     patches = True
 
-    def __init__(self, net, x, eps, norm, domain, box=None):
+    def __init__(self, net, x, eps, norm, domain, box=None, node_bounds=None):
         """The region around ``x``; or, with ``box=(lo, hi)`` (arrays shaped like x, lo <= hi), that
-        exact box (norm 'linf'; x and eps are then ignored)."""
+        exact box (norm 'linf'; x and eps are then ignored). ``node_bounds``: every node's sound
+        bounds over the region when the caller has them (skips the IBP pass)."""
         xp = self.xp = get_xp(x)
         self.net, self.norm, self.eps = net, norm, float(eps)
         self.n = int(x.shape[0])
@@ -243,7 +244,7 @@ class _Batch:
             # x -/+ eps rounds: widen by one unit of roundoff wherever the domain did not clip exactly
             lo = xp.where(lo > low_edge, lo - self.u * xp.abs(lo), lo)
             hi = xp.where(hi < high_edge, hi + self.u * xp.abs(hi), hi)
-        self.bounds = dict(net.interval(lo, hi, keep=True))
+        self.bounds = dict(net.interval(lo, hi, keep=True) if node_bounds is None else node_bounds)
         self._m: dict = {}
         self._bias: dict = {}
         self._weights: dict = {}

@@ -78,10 +78,10 @@ def domain_lower(net, root, lo, hi, A, c, alpha=None, beta=None, splits=None, re
     n = A.shape[0]
     lo, hi = _boxes(net, lo, hi)
     lo, hi = numpy.broadcast_to(lo, (n,) + lo.shape[1:]), numpy.broadcast_to(hi, (n,) + hi.shape[1:])
-    batch = _Batch(net, lo, 0.0, "linf", None, box=(lo, hi))
-    for name, (blo, bhi) in root.bounds.items():
-        batch.bounds[name] = (numpy.repeat(blo, n, axis=0) if blo.shape[0] == 1 else blo,
-                              numpy.repeat(bhi, n, axis=0) if bhi.shape[0] == 1 else bhi)
+    per_domain = {name: (numpy.repeat(blo, n, axis=0) if blo.shape[0] == 1 else blo,
+                         numpy.repeat(bhi, n, axis=0) if bhi.shape[0] == 1 else bhi)
+                  for name, (blo, bhi) in root.bounds.items()}
+    batch = _Batch(net, lo, 0.0, "linf", None, box=(lo, hi), node_bounds=per_domain)
     for relu, s in splits.items():
         h = relu_inputs[relu]
         blo, bhi = batch.bounds[h]

@@ -6,8 +6,10 @@ robustly trained classifier) and a small CNN (conv 8@4x4/2 -> relu -> conv 16@4x
 100 -> relu -> dense 10), trained here for ``--cnn-steps`` Adam steps with torch when it is installed,
 otherwise left with random weights (the output says which).
 
-The CNN's CROWN is also run with its convolutions bounded by dense rows only (``_Batch.patches =
-False``) beside the default patches mode, with the largest difference between the two bounds.
+The CNN's CROWN is also run with each speed-up switched off beside the default, with the largest
+difference between the two bounds: convolutions bounded by dense rows only (``_Batch.patches =
+False``) against patches mode, and the batch's union of unstable neurons (``_Batch.per_sample_rows
+= False``) against each sample's own.
 
     python bench/crown.py [--limit 10000] [--cnn-limit 1000] [--eps 0.01,0.1]   # MNIST: $ROBEVAL_DATA
 """
@@ -95,22 +97,23 @@ def run(name, net, x, y, eps):
         print(f"{'':<10} {'all':>6} {seconds:>9.3f} {seconds / t_fwd:>9.1f}x")
 
 
-def patches_vs_dense(net, x, y, eps):
-    """CROWN with conv bounds from patches against dense rows only, side by side on the same images."""
+def ablation(net, x, y, eps, switch: str, off: str, on: str):
+    """CROWN with the ``_Batch`` switch off against on (the default), side by side on the same images,
+    with the largest difference between the two bounds."""
     from robeval.certifiers.crown import _Batch, crown_margin_bounds
 
     net = net.astype(numpy.float64)
-    print(f"\nCROWN on the CNN, patches mode against dense rows ({len(x)} images)")
-    print(f"{'eps':>6} {'dense s':>8} {'patches s':>10} {'speed-up':>9} {'max |diff|':>11} {'certified':>10}")
+    print(f"\nCROWN on the CNN, {on} against {off} ({len(x)} images; _Batch.{switch})")
+    print(f"{'eps':>6} {'off s':>8} {'on s':>8} {'speed-up':>9} {'max |diff|':>11} {'certified':>10}")
     for e in eps:
         times, bounds = {}, {}
         for mode in (False, True):
-            _Batch.patches = mode
+            setattr(_Batch, switch, mode)
             times[mode], bounds[mode] = timed(lambda e=e: crown_margin_bounds(net, x, y, e, method="crown"))
-        _Batch.patches = True
+        setattr(_Batch, switch, True)
         finite = numpy.isfinite(bounds[False])
         diff = float(numpy.abs(bounds[True][finite] - bounds[False][finite]).max())
-        print(f"{e:>6g} {times[False]:>8.3f} {times[True]:>10.3f} {times[False] / times[True]:>8.2f}x "
+        print(f"{e:>6g} {times[False]:>8.3f} {times[True]:>8.3f} {times[False] / times[True]:>8.2f}x "
               f"{diff:>11.1e} {(bounds[True].min(axis=1) > 0).mean():>10.4f}")
 
 
@@ -131,7 +134,10 @@ def main():
     run("reference MLP 784-100-100-100-10", reference_mlp(Path(args.model)), x[:args.limit], y[:args.limit], eps)
     cnn, how = small_cnn(args.cnn_steps, data)
     run(f"small CNN, {how}", cnn, x[:args.cnn_limit], y[:args.cnn_limit], eps)
-    patches_vs_dense(cnn, x[:args.cnn_limit], y[:args.cnn_limit], eps)
+    xc, yc = x[:args.cnn_limit], y[:args.cnn_limit]
+    ablation(cnn, xc, yc, eps, "patches", "dense rows only", "patches mode")
+    ablation(cnn, xc, yc, eps, "per_sample_rows", "the batch's union of unstable neurons",
+             "per-sample neuron selection")
 
 
 if __name__ == "__main__":

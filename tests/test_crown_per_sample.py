@@ -65,8 +65,11 @@ def test_margins_equal_the_batch_wide_selection_and_hold_on_samples(monkeypatch)
         for eps in (0.002, 0.02):
             monkeypatch.setattr(_Batch, "per_sample", spy)
             ours = crown_margin_bounds(net, x, y, eps)
-            monkeypatch.setattr(_Batch, "per_sample", lambda self, unstable, idx: idx)
+            monkeypatch.setattr(_Batch, "per_sample_rows", False)  # the switch bench/crown.py turns off
+            calls = len(used)
             shared = crown_margin_bounds(net, x, y, eps)
+            assert len(used) == calls  # switched off, the selection is the batch's union
+            monkeypatch.setattr(_Batch, "per_sample_rows", True)
             finite = numpy.isfinite(shared)
             assert relative_error(ours[finite], shared[finite]) <= 1e-9
             # soundness: no sampled point of the box has a margin below the bound

@@ -213,6 +213,8 @@ class _Batch:
 
     #: bound convolutions in patches mode where that moves fewer floats (``crown_patches``)
     patches = True
+    #: bound each sample's own unstable neurons when they are much fewer than the batch's union
+    per_sample_rows = True
 
     def __init__(self, net, x, eps, norm, domain, box=None, node_bounds=None):
         """The region around ``x``; or, with ``box=(lo, hi)`` (arrays shaped like x, lo <= hi), that
@@ -475,7 +477,7 @@ class _Batch:
             if chain is not None and pays(self, chain, int(idx.size)):
                 new_lo, new_hi = (a[:, idx] for a in patch_bounds(self, chain, budget - self.n * cost.fixed))
             else:
-                idx = self.per_sample(unstable, idx)
+                idx = self.per_sample(unstable, idx) if self.per_sample_rows else idx
                 new_lo, new_hi = self.neuron_bounds(name, idx, cost.rows_per_chunk(name, self.n, budget))
             at = (slice(None), idx) if idx.ndim == 1 else (xp.arange(self.n)[:, None], idx)
             if pure:

@@ -129,6 +129,11 @@ class FakeProver:
         return self.statuses[i], detail
 
 
+def crown_proves_nothing(net, case):
+    """A crown_case double, so that every case reaches the (fake) full prover."""
+    return "unknown", {"stage": "crown", "time": 0.0}
+
+
 def two_cases():
     # y = (x, -x); case 0 on [0, 1], case 1 on [2, 3]; both ask for y0 <= -1: impossible
     model = mlp_onnx([(numpy.array([[1.0, -1.0]]), numpy.zeros(2))])
@@ -143,6 +148,7 @@ def two_cases():
 def test_the_property_holds_only_when_every_case_is_unsat(monkeypatch, statuses, verdict):
     prover = FakeProver(statuses)
     monkeypatch.setattr("robeval.verify.prove.prove_case", prover)
+    monkeypatch.setattr("robeval.verify.prove.crown_case", crown_proves_nothing)
     monkeypatch.setattr(verifier_module, "SEARCH_ROUNDS", 1)
     model, spec = two_cases()
     result = verify(model, spec, timeout=5)
@@ -152,6 +158,7 @@ def test_the_property_holds_only_when_every_case_is_unsat(monkeypatch, statuses,
 
 def test_a_sat_from_the_prover_needs_a_replay(monkeypatch):
     model, spec = two_cases()
+    monkeypatch.setattr("robeval.verify.prove.crown_case", crown_proves_nothing)
     # the prover claims sat with a point that does not violate: never reported as violated
     monkeypatch.setattr("robeval.verify.prove.prove_case", FakeProver(["sat", "unsat"], {0: numpy.array([0.5])}))
     monkeypatch.setattr(verifier_module, "SEARCH_ROUNDS", 1)
@@ -180,9 +187,48 @@ def test_the_real_prover_is_called_with_a_perf_counter_deadline(monkeypatch):
         return real(net, case, deadline, check=check)
 
     monkeypatch.setattr(prove, "prove_case", spy)
+    monkeypatch.setattr(prove, "crown_case", crown_proves_nothing)
     model, spec = two_cases()
     assert verify(model, spec, timeout=8).status == "holds"
     assert 0 < seen[0] <= 8 and 0 < seen[1] <= 8
+
+
+def test_crown_decides_easy_cases_before_the_full_search(monkeypatch):
+    """A short search, then CROWN on every case; the full search and the full prover only on what CROWN
+    left open (here nothing), so an easy property does not wait for them."""
+    from robeval.verify import prove
+
+    searches = []
+    real_falsify = verifier_module.falsify
+
+    def spy_falsify(*args, **kwargs):
+        searches.append((kwargs.get("restarts"), kwargs.get("steps")))
+        return real_falsify(*args, **kwargs)
+
+    monkeypatch.setattr(verifier_module, "falsify", spy_falsify)
+    monkeypatch.setattr(prove, "prove_case", FakeProver([]))  # would fail with IndexError if called
+    model, spec = two_cases()
+    result = verify(model, spec, timeout=60)
+    assert result.status == "holds" and result.time < 20
+    assert searches == [(2, 25), (2, 25)]  # the quick pass only
+    assert [c.detail["stage"] for c in result.cases] == ["crown", "crown"]
+
+
+def test_the_full_search_runs_on_cases_crown_leaves_open(monkeypatch):
+    from robeval.verify import prove
+
+    searches = []
+    monkeypatch.setattr(verifier_module, "falsify", lambda *a, **k: searches.append(k.get("restarts")))
+    monkeypatch.setattr(prove, "crown_case", lambda net, case: ("unsat" if case.lo[0] >= 2 else "unknown",
+                                                                 {"stage": "crown", "time": 0.0}))
+    prover = FakeProver(["unsat"])
+    monkeypatch.setattr(prove, "prove_case", prover)
+    model, spec = two_cases()
+    result = verify(model, spec, timeout=5)
+    assert result.status == "holds"
+    assert searches == [2, 2, None]  # quick on both cases, the full search (default restarts) on case 0
+    assert len(prover.calls) == 1
+    assert [c.detail["stage"] for c in sorted(result.cases, key=lambda c: c.index)] == ["fake", "crown"]
 
 
 # ---------------------------------------------------------------------------- gzip ONNX

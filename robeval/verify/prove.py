@@ -33,6 +33,38 @@ def _proven(lower, strict):
     return (lower > 0) | (strict & (lower >= 0))
 
 
+class _CrownStage:
+    """CROWN on one case's box and rows: the float64 network, the box, the rows, the root bounds and
+    which rows CROWN proves."""
+
+    def __init__(self, net, case):
+        self.net = net = as_verification_network(net)
+        shape = (1,) + tuple(net.input_shape)
+        self.lo = numpy.asarray(case.lo, dtype=numpy.float64).reshape(shape)
+        self.hi = numpy.asarray(case.hi, dtype=numpy.float64).reshape(shape)
+        self.A, self.c, self.strict, self.owner = _rows(case)
+        self.root = box_bounds(net, self.lo, self.hi)
+        self.proven_rows = _proven(spec_lower(self.root, self.A, self.c)[0], self.strict)
+
+    def holds(self) -> bool:
+        """Every disjunct has a row CROWN proves impossible on the box."""
+        done = numpy.zeros(int(self.owner.max()) + 1 if len(self.owner) else 0, dtype=bool)
+        numpy.logical_or.at(done, self.owner, self.proven_rows)
+        return bool(done.all())
+
+
+def crown_case(net, case) -> tuple[str, dict]:
+    """CROWN alone on one case (the cheap first proof attempt): ('unsat', details) when it proves
+    every disjunct impossible on the box, else ('unknown', details)."""
+    start = time.perf_counter()
+    if not case.disjuncts or any(len(d.b) == 0 for d in case.disjuncts):
+        return "unknown", {"stage": "crown", "time": 0.0}
+    stage = _CrownStage(net, case)
+    status = "unsat" if stage.holds() else "unknown"
+    return status, {"stage": "crown", "rows": int(len(stage.c)), "disjuncts": len(case.disjuncts),
+                    "crown_proven_rows": int(stage.proven_rows.sum()), "time": time.perf_counter() - start}
+
+
 def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabSettings | None = None,
                progress=None) -> tuple[str, dict]:
     """('unsat' | 'sat' | 'unknown' | 'timeout', details) for one case (``deadline``: a
@@ -45,16 +77,10 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     if any(len(d.b) == 0 for d in case.disjuncts):  # no output condition: every box point is unsafe
         return "unknown", {"stage": "none", "note": "a disjunct has no output constraint; nothing to prove",
                            "time": 0.0}
-    net = as_verification_network(net)
-    shape = (1,) + tuple(net.input_shape)
-    lo = numpy.asarray(case.lo, dtype=numpy.float64).reshape(shape)
-    hi = numpy.asarray(case.hi, dtype=numpy.float64).reshape(shape)
-    A, c, strict, owner = _rows(case)
-    details = {"rows": int(len(c)), "disjuncts": len(case.disjuncts)}
-    root = box_bounds(net, lo, hi)
-    lower = spec_lower(root, A, c)[0]
-    proven_rows = _proven(lower, strict)
-    details["crown_proven_rows"] = int(proven_rows.sum())
+    stage = _CrownStage(net, case)
+    net, lo, hi, root, proven_rows = stage.net, stage.lo, stage.hi, stage.root, stage.proven_rows
+    A, c, strict, owner = stage.A, stage.c, stage.strict, stage.owner
+    details = {"rows": int(len(c)), "disjuncts": len(case.disjuncts), "crown_proven_rows": int(proven_rows.sum())}
 
     def open_disjuncts():
         done = numpy.zeros(len(case.disjuncts), dtype=bool)
@@ -104,4 +130,4 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     return outcome.status, details
 
 
-__all__ = ["prove_case"]
+__all__ = ["crown_case", "prove_case"]

@@ -3,9 +3,11 @@ timeout (VNN-COMP's unsat / sat / unknown / timeout).
 
 Order: load the model (an ONNX file keeps its own input layout, so VNN-LIB's flat X_i are its input
 tensor in row-major order) and check the spec's sizes; run a falsification pass over every case
-(``FALSIFY_SHARE`` of the time at most); prove the cases one after another with ``prove_case``, each
-getting an equal share of the time left; spend any time left on a longer search on the cases the
-prover left open. "violated" comes only with a replayed ``Counterexample``, "holds" only when every
+(``FALSIFY_SHARE`` of the time at most, in two parts: a short search on every case, then CROWN alone
+on every case, then the full search on the cases CROWN left open, so that an easy property is not
+held up by a long search); prove the open cases one after another with ``prove_case``, each getting
+an equal share of the time left; spend any time left on a longer search on the cases the prover
+left open. "violated" comes only with a replayed ``Counterexample``, "holds" only when every
 case is proven unsat.
 """
 
@@ -28,6 +30,8 @@ from .spec import Spec
 
 #: Share of the time limit the first falsification pass may use.
 FALSIFY_SHARE = 0.2
+#: Budget of the short search run on every case before any proof (the full one follows CROWN).
+QUICK_SEARCH = {"restarts": 2, "steps": 25}
 #: Rounds of the longer search on cases the prover left open, at most.
 SEARCH_ROUNDS = 5
 #: Verdicts and their VNN-COMP names.
@@ -190,21 +194,49 @@ class _Run:
         cases = self.spec.cases
         if not cases:
             return "holds", None  # no input box at all: nothing can violate the property
-        share = (self.deadline - time.perf_counter()) * FALSIFY_SHARE / len(cases)
-        for i, case in enumerate(cases):  # a cheap search on every case before any proof
+        falsify_until = time.perf_counter() + (self.deadline - time.perf_counter()) * FALSIFY_SHARE
+        for i, case in enumerate(cases):  # a short search on every case before any proof
             t0 = time.perf_counter()
-            cex = falsify(self.net, case, seed=self.seed, deadline=min(self.deadline, t0 + share),
-                          replayer=self.replayer)
+            cex = falsify(self.net, case, seed=self.seed, deadline=min(self.deadline, self._share(falsify_until, i)),
+                          replayer=self.replayer, **QUICK_SEARCH)
             if cex is not None:
                 return self.found(i, t0, cex, "falsify")
-        for i, case in enumerate(cases):
+        open_cases = [i for i, case in enumerate(cases) if not self.crown_proves(i, case)]
+        for k, i in enumerate(open_cases):  # the full first search, on what CROWN left open
+            t0 = time.perf_counter()
+            cex = falsify(self.net, cases[i], seed=self.seed + 1, replayer=self.replayer,
+                          deadline=min(self.deadline, t0 + max(0.0, falsify_until - t0) / (len(open_cases) - k)))
+            if cex is not None:
+                return self.found(i, t0, cex, "falsify")
+        for k, i in enumerate(open_cases):
             now = time.perf_counter()
             if now >= self.deadline:
                 return "timeout", None
-            status, cex = self.prove(i, case, now + (self.deadline - now) / (len(cases) - i))
+            status, cex = self.prove(i, cases[i], now + (self.deadline - now) / (len(open_cases) - k))
             if status == "violated":
                 return status, cex
         return self.search_open()
+
+    def _share(self, until, i):
+        """The deadline of case i's part of a pass that must end by ``until``."""
+        now = time.perf_counter()
+        return now + max(0.0, until - now) / (len(self.spec.cases) - i)
+
+    def crown_proves(self, i, case) -> bool:
+        """CROWN alone on case i (cheap); records and returns True when it proves the case."""
+        from .prove import crown_case
+
+        if time.perf_counter() >= self.deadline:
+            return False
+        try:
+            status, detail = crown_case(self.net, case)
+        except (UnsupportedOpError, UnsupportedRuleError):
+            return False  # the full prover records why
+        if status != "unsat":
+            return False
+        self.results[i] = CaseResult(i, "unsat", detail["time"], detail)
+        self.say(f"case {i}: unsat (crown)")
+        return True
 
     def prove(self, i, case, case_deadline):
         from .prove import prove_case

@@ -382,3 +382,20 @@ def test_counterexample_found_by_branch_and_bound_replays_on_the_file():
     x = result.counterexample.x
     case = spec.cases[0]
     assert case.contains(x) and numpy.array_equal(x.astype(numpy.float32).astype(numpy.float64), x)
+
+
+def test_branch_and_bound_stops_at_its_deadline():
+    """A case far too hard for the time given: 'timeout' by the deadline, even with optimiser runs and
+    rounds far longer than the time (each stops at the deadline, rounds are sized to end by it)."""
+    rng = numpy.random.default_rng(11)
+    net = as_verification_network(random_mlp(rng, (12, 96, 96, 96, 96, 4)))
+    lo, hi = _box(rng, net, 1.0)
+    y = int(net.forward((lo + hi) / 2).argmax())
+    row = numpy.eye(4)[y] - numpy.eye(4)[(y + 1) % 4]
+    budget = 1.5
+    start = time.perf_counter()
+    slow = BabSettings(batch=4096, iterations=2000, root_iterations=2000, intermediate_iterations=2000)
+    status, details = prove_case(net, _case(lo, hi, [row]), start + budget, settings=slow)
+    elapsed = time.perf_counter() - start
+    assert status == "timeout", details
+    assert elapsed <= budget + 1.5, (elapsed, details)  # a round of 4096 parents would take far longer

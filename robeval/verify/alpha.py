@@ -25,6 +25,7 @@ from ``robeval.verify.bounds`` (rigorous, float64) with the chosen parameters.""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy
@@ -220,9 +221,10 @@ def initial_alpha(chain: Chain, n: int, splits: dict) -> dict:
 
 
 def optimise(chain: Chain, A, c, alpha: dict, beta: dict, splits: dict, iterations: int = 20,
-             lr_alpha: float = 0.1, lr_beta: float = 0.05, stop_at: float = 0.0):
+             lr_alpha: float = 0.1, lr_beta: float = 0.05, stop_at: float = 0.0, deadline: float | None = None):
     """Maximise the chain bound over alpha (and beta) by projected Adam; returns the best parameters
-    seen per domain and their (unrounded) bounds. Domains whose bound passes ``stop_at`` stop moving."""
+    seen per domain and their (unrounded) bounds. Domains whose bound passes ``stop_at`` stop moving;
+    at ``deadline`` (a ``time.perf_counter()`` value) the best so far is returned."""
     dt = chain.dtype  # the optimiser's state lives in the engine's dtype; results go back as float64
     alpha = {k: v.astype(dt) for k, v in alpha.items()}
     beta = {k: v.astype(dt) for k, v in beta.items()}
@@ -235,7 +237,7 @@ def optimise(chain: Chain, A, c, alpha: dict, beta: dict, splits: dict, iteratio
     best_beta = {k: v.copy() for k, v in beta.items()}
     for _ in range(iterations):
         active = best <= stop_at
-        if not active.any():
+        if not active.any() or (deadline is not None and time.perf_counter() > deadline):
             break
         result = chain.evaluate(A, c, opt_a.params, opt_b.params if opt_b else {}, splits, lines=lines)
         better = result.bound > best
@@ -290,7 +292,8 @@ def tighten_intermediate(net, root, lo, hi, iterations: int = 20, deadline: floa
         A[numpy.arange(k), idx] = 1.0
         A[k + numpy.arange(k), idx] = -1.0
         zeros = numpy.zeros(2 * k)
-        alpha, _, _ = optimise(sub, A, zeros, initial_alpha(sub, 2 * k, {}), {}, {}, iterations, lr)
+        alpha, _, _ = optimise(sub, A, zeros, initial_alpha(sub, 2 * k, {}), {}, {}, iterations, lr,
+                               deadline=deadline)
         low = domain_lower(prefix, root, lo, hi, A, zeros, alpha, relu_inputs=sub.relu_input)
         new_lo, new_hi = flat_lo.copy(), flat_hi.copy()
         new_lo[idx] = numpy.maximum(new_lo[idx], low[:k])

@@ -156,17 +156,25 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
     replayed counterexample) ends the search with status 'sat'."""
     out = BabOutcome("unsat", max_open=len(doms))
     strict_rows = numpy.zeros(int(doms.row.max()) + 1, dtype=bool) if strict_rows is None else strict_rows
+    per_parent = 0.0  # seconds the last round took per parent domain: rounds are sized to end in time
     while len(doms):
-        if time.perf_counter() > deadline:
+        now = time.perf_counter()
+        batch = settings.batch
+        if per_parent > 0:
+            batch = min(batch, int((deadline - now) / per_parent))
+        if now > deadline or batch < 1:
             out.status = "timeout"
             return out
         if len(doms) > settings.max_domains:
             out.status = "unknown"
             return out
         order = numpy.argsort(doms.bound, kind="stable")
-        pick, rest = order[:settings.batch], order[settings.batch:]
+        pick, rest = order[:batch], order[batch:]
         parents = doms.take(pick)
         which, index = choose_splits(chain, parents, settings.candidates)
+        if time.perf_counter() > deadline:  # each step of a round can take seconds on a conv net
+            out.status = "timeout"
+            return out
         if (which < 0).any():  # every neuron fixed: the network is affine there, an LP decides it
             leaves = numpy.nonzero(which < 0)[0]
             for i in leaves:
@@ -187,11 +195,16 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
                 continue
         kids = children(parents, chain, which, index)
         kids.alpha, kids.beta, relaxed = optimise(chain, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
-                                                  settings.iterations, settings.lr_alpha, settings.lr_beta)
+                                                  settings.iterations, settings.lr_alpha, settings.lr_beta,
+                                                  deadline=deadline)
+        if time.perf_counter() > deadline:
+            out.status = "timeout"
+            return out
         kids.bound = domain_lower(net, root, lo, hi, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
                                   chain.relu_input)
         out.rounds += 1
         out.domains_bounded += len(kids)
+        per_parent = (time.perf_counter() - now) / len(parents)
         strict = strict_rows[kids.row]
         proven = (kids.bound > 0) | (strict & (kids.bound >= 0))
         open_kids = kids.take(numpy.nonzero(~proven)[0])

@@ -103,7 +103,8 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     chain = Chain(net, root.bounds, lo, hi, settings.dtype)
     rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
     alpha = initial_alpha(chain, len(rows), {})
-    alpha, _, _ = optimise(chain, A[rows], c[rows], alpha, {}, {}, settings.root_iterations, settings.lr_alpha)
+    alpha, _, _ = optimise(chain, A[rows], c[rows], alpha, {}, {}, settings.root_iterations, settings.lr_alpha,
+                           deadline=deadline)
     lower_a = domain_lower(net, root, lo, hi, A[rows], c[rows], alpha, relu_inputs=chain.relu_input)
     proven_rows[rows] = _proven(lower_a, strict[rows])
     details["alpha_proven_rows"] = int(proven_rows.sum())

@@ -197,15 +197,15 @@ class _Run:
         falsify_until = time.perf_counter() + (self.deadline - time.perf_counter()) * FALSIFY_SHARE
         for i, case in enumerate(cases):  # a short search on every case before any proof
             t0 = time.perf_counter()
-            cex = falsify(self.net, case, seed=self.seed, deadline=min(self.deadline, self._share(falsify_until, i)),
-                          replayer=self.replayer, **QUICK_SEARCH)
+            cex = falsify(self.net, case, seed=self.seed, replayer=self.replayer, **QUICK_SEARCH,
+                          deadline=self._share(falsify_until, len(cases) - i))
             if cex is not None:
                 return self.found(i, t0, cex, "falsify")
         open_cases = [i for i, case in enumerate(cases) if not self.crown_proves(i, case)]
         for k, i in enumerate(open_cases):  # the full first search, on what CROWN left open
             t0 = time.perf_counter()
             cex = falsify(self.net, cases[i], seed=self.seed + 1, replayer=self.replayer,
-                          deadline=min(self.deadline, t0 + max(0.0, falsify_until - t0) / (len(open_cases) - k)))
+                          deadline=self._share(falsify_until, len(open_cases) - k))
             if cex is not None:
                 return self.found(i, t0, cex, "falsify")
         for k, i in enumerate(open_cases):
@@ -217,10 +217,11 @@ class _Run:
                 return status, cex
         return self.search_open()
 
-    def _share(self, until, i):
-        """The deadline of case i's part of a pass that must end by ``until``."""
+    def _share(self, until, left):
+        """The deadline of the next case's equal part of a pass over ``left`` cases that must end by
+        ``until`` (never past the whole call's deadline)."""
         now = time.perf_counter()
-        return now + max(0.0, until - now) / (len(self.spec.cases) - i)
+        return min(self.deadline, now + max(0.0, until - now) / left)
 
     def crown_proves(self, i, case) -> bool:
         """CROWN alone on case i (cheap); records and returns True when it proves the case."""

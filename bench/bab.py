@@ -39,6 +39,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="time limit per dtype (default 60)")
     p.add_argument("--dtypes", default="float32,float64", help="comma-separated optimiser dtypes")
     p.add_argument("--threads", default=THREADS, help="BLAS threads (default 1)")
+    p.add_argument("--refine", default="on", help="per-domain intermediate bounds: on, off or on,off")
     args = p.parse_args()
     for path in (args.net, args.prop):
         if not Path(path).is_file():
@@ -48,18 +49,22 @@ def main() -> int:
     spec = read_vnnlib(args.prop)
     print(f"{Path(args.net).name} {Path(args.prop).name}: {len(spec.cases)} case(s), {args.seconds:g} s per dtype")
     first = None
-    for dtype in args.dtypes.split(","):
+    runs = [(d, r) for r in args.refine.split(",") for d in args.dtypes.split(",")]
+    for dtype, refine in runs:
         start = time.perf_counter()
-        domains, verdicts = 0, []
+        domains, verdicts, lowest = 0, [], []
+        settings = BabSettings(dtype=dtype, refine=refine == "on")
         for case in spec.cases:
-            status, detail = prove_case(net, case, start + args.seconds, settings=BabSettings(dtype=dtype))
+            status, detail = prove_case(net, case, start + args.seconds, settings=settings)
             domains += detail.get("domains", 0)
             verdicts.append(status)
+            lowest.append(detail.get("open_lowest", float("nan")))
         wall = time.perf_counter() - start
         rate = domains / wall
         first = first or rate
-        print(f"{dtype:>8}: {'/'.join(verdicts):<8} {domains:>8} domains in {wall:6.1f} s = {rate:7.1f} domains/s"
-              f"  ({rate / first:.2f}x the first)", flush=True)
+        print(f"{dtype:>8} refine {refine:>3}: {'/'.join(verdicts):<8} {domains:>8} domains in {wall:6.1f} s"
+              f" = {rate:7.1f} domains/s ({rate / first:.2f}x the first); lowest open bound"
+              f" {min(lowest):.4f}, open {detail.get('open', 0)}", flush=True)
     return 0
 
 

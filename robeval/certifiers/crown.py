@@ -234,6 +234,8 @@ class _Batch:
         #: coefficients (B, 1, *shape) added to lam at a node (beta-CROWN split terms, each a valid
         #: lower bound of zero on its subdomain); set them only for the final specification pass.
         self.extra: dict = {}
+        #: neurons (B, *shape) that ``tighten`` bounds even where they are stable (split ones)
+        self.recheck: dict = {}
         if box is not None:
             lo, hi = box
         elif norm == "linf":
@@ -453,10 +455,13 @@ class _Batch:
         return lower - (u * xp.abs(lower) + float(xp.finfo(self.dtype).tiny))
 
     # -- intermediate bounds
-    def tighten(self, pure: bool, cost: CostModel, budget: float) -> None:
-        """CROWN bounds for every node a nonlinear op reads (see the module docstring)."""
+    def tighten(self, pure: bool, cost: CostModel, budget: float, skip=frozenset()) -> None:
+        """CROWN bounds for every node a nonlinear op reads (see the module docstring), except the
+        names in ``skip`` (their bounds are kept as they are)."""
         xp = self.xp
         for name in bound_targets(self.net):
+            if name in skip:
+                continue
             node = self.nodes[name]
             op = get_op(node.op)
             if name == self.entry and self.norm == "linf":
@@ -469,6 +474,8 @@ class _Batch:
                 idx, unstable = xp.arange(lo.shape[1]), None
             else:
                 unstable = (lo < 0) & (hi > 0)
+                if name in self.recheck:
+                    unstable |= self.recheck[name].reshape(self.n, -1)
                 idx = xp.nonzero(unstable.any(axis=0))[0]
             if idx.size == 0:
                 continue

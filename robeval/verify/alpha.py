@@ -24,6 +24,7 @@ from ``robeval.verify.bounds`` (rigorous, float64) with the chosen parameters.""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -85,6 +86,15 @@ class Chain:
         self.shapes = net.shapes()
         self._bias = {n.name: get_op(n.op).bias(numpy, n) for n in self.nodes if get_op(n.op).affine}
         self._fast_bias = {n.name: get_op(n.op).bias(numpy, n) for n in self.fast if get_op(n.op).affine}
+
+    def with_bounds(self, bounds: dict) -> Chain:
+        """The same chain over other node bounds (name -> (lo, hi), e.g. each domain's own); the
+        names not given keep this chain's."""
+        if not bounds:
+            return self
+        view = copy.copy(self)
+        view.bounds = {**self.bounds, **bounds}
+        return view
 
     def pre_bounds(self, relu, splits):
         """(lo, hi) of the ReLU's input with the subdomain's splits applied (s = +1: h >= 0, -1: h <= 0)."""

@@ -5,23 +5,27 @@ the bound does not prove is split on one unstable ReLU (h >= 0 / h <= 0): its tw
 it, so proving every leaf proves the row. Children are bounded many at once (the domain axis is the
 batch axis of both engines): alpha and beta are optimised by the chain engine from the parent's
 values, then the rigorous engine (``bounds.domain_lower``) bounds each child with them; only its
-verdict counts. Intermediate bounds stay those of the whole box (valid on every subdomain), clamped
-by each domain's splits.
+verdict counts. Each child's intermediate bounds are recomputed by the rigorous engine under its
+splits (``bounds.refine_bounds``: a split neuron is exactly linear on its side, so neurons after it
+stabilise), starting from its parent's and never looser; with ``refine=False`` every domain keeps
+the whole box's bounds, clamped by its splits.
 
 The box corner that attains each leaf's relaxed minimum is kept: when the network itself violates
 the row there, it is a candidate counterexample (replayed by the caller before anything is said)."""
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy
 
+from ..certifiers.crown import bound_targets
 from ..ir.registry import get_op
 from .alpha import Chain, optimise
-from .bounds import domain_lower
+from .bounds import domain_lower, exact_float32, refine_bounds
 
 
 @dataclass
@@ -29,7 +33,11 @@ class BabSettings:
     """batch: domains split per round (2 x batch children bounded at once); iterations: optimiser
     steps per round; max_domains: the most open domains kept (beyond it: 'unknown'); candidates:
     neurons tried per domain when choosing a split (1: the best-scored one, no trial); dtype: the
-    optimiser's arithmetic (verdicts are always recomputed in float64 by the rigorous engine)."""
+    optimiser's arithmetic (verdicts are always recomputed in float64 by the rigorous engine);
+    refine: recompute each child's intermediate bounds under its splits (``bounds.refine_bounds``;
+    rigorous, in float32 when ``dtype`` is and the network's parameters are float32 values), else
+    every domain keeps the root's; bounds_memory_mb: the most memory the domains' own bounds
+    may take (it lowers max_domains when they are large)."""
 
     batch: int = 128
     iterations: int = 15
@@ -40,12 +48,15 @@ class BabSettings:
     lr_alpha: float = 0.1
     lr_beta: float = 0.05
     dtype: str = "float32"
+    refine: bool = True
+    bounds_memory_mb: float = 2048.0
 
 
 @dataclass
 class Domains:
     """Open domains, one row per domain: row coefficients A (N, K), constants c (N,), splits (+1,
-    -1 or 0 per ReLU neuron), alpha and beta per ReLU, and the last rigorous bound."""
+    -1 or 0 per ReLU neuron), alpha and beta per ReLU, the last rigorous bound, and (when refined)
+    the domain's own node bounds (name -> (lo, hi), each (N, *shape); empty: the root's)."""
 
     A: numpy.ndarray
     c: numpy.ndarray
@@ -54,6 +65,7 @@ class Domains:
     alpha: dict
     beta: dict
     bound: numpy.ndarray
+    bounds: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.A.shape[0])
@@ -61,7 +73,7 @@ class Domains:
     def take(self, idx) -> Domains:
         return Domains(self.A[idx], self.c[idx], self.row[idx], {k: v[idx] for k, v in self.splits.items()},
                        {k: v[idx] for k, v in self.alpha.items()}, {k: v[idx] for k, v in self.beta.items()},
-                       self.bound[idx])
+                       self.bound[idx], {k: (lo[idx], hi[idx]) for k, (lo, hi) in self.bounds.items()})
 
     @staticmethod
     def concat(parts: list) -> Domains:
@@ -72,19 +84,26 @@ class Domains:
                        {k: cat([p.splits[k] for p in parts]) for k in first.splits},
                        {k: cat([p.alpha[k] for p in parts]) for k in first.alpha},
                        {k: cat([p.beta[k] for p in parts]) for k in first.beta},
-                       cat([p.bound for p in parts]))
+                       cat([p.bound for p in parts]),
+                       {k: (cat([p.bounds[k][0] for p in parts]), cat([p.bounds[k][1] for p in parts]))
+                        for k in first.bounds})
 
 
 @dataclass
 class BabOutcome:
     """status: 'unsat' (every row proven), 'sat' (``check`` accepted ``counterexample``), 'unknown'
-    (a leaf cannot be split further, or too many domains) or 'timeout'."""
+    (a leaf cannot be split further, or too many domains) or 'timeout'; empty: children whose
+    refined bounds showed they hold no point (proven without a bound); open, lowest: the open
+    domains after the last round and their lowest bound (progress of an unfinished search)."""
 
     status: str
     rounds: int = 0
     domains_bounded: int = 0
     max_open: int = 0
     leaf_lps: int = 0
+    empty: int = 0
+    open: int = 0
+    lowest: float = math.nan
     counterexample: Any = None
 
 
@@ -122,7 +141,8 @@ def choose_splits(chain: Chain, doms: Domains, candidates: int = 3):
     worst = numpy.full((n, k), -numpy.inf)
     for j in range(k):
         kids = children(doms, chain, layer[:, j], neuron[:, j])
-        bound = chain.evaluate(kids.A, kids.c, kids.alpha, kids.beta, kids.splits, need_grad=False).bound
+        bound = chain.with_bounds(kids.bounds).evaluate(kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
+                                                        need_grad=False).bound
         worst[:, j] = numpy.where(valid[:, j], numpy.minimum(bound[:n], bound[n:]), -numpy.inf)
     pick = worst.argmax(axis=1)
     rows = numpy.arange(n)
@@ -148,6 +168,37 @@ def children(doms: Domains, chain: Chain, which, index) -> Domains:
     return kids
 
 
+def _root_bounds(chain: Chain, n: int) -> dict:
+    """The root's bounds of every node a nonlinear op reads, repeated for n domains."""
+    return {name: tuple(numpy.repeat(a, n, axis=0) for a in chain.bounds[name]) for name in bound_targets(chain.net)}
+
+
+def _domain_cap(chain: Chain, settings: BabSettings) -> int:
+    """max_domains, lowered so that the domains' own node bounds fit in ``bounds_memory_mb``."""
+    if not settings.refine:
+        return settings.max_domains
+    per_domain = sum(2 * 8 * chain.bounds[name][0][0].size for name in bound_targets(chain.net))
+    return max(1, min(settings.max_domains, int(settings.bounds_memory_mb * 2**20 // max(per_domain, 1))))
+
+
+def refine_children(net, chain: Chain, root, lo, hi, kids: Domains, which, fast=None):
+    """Recompute the children's node bounds in place, in groups by the layer of their new split:
+    only the layers after it change (a split in the last ReLU layer changes none). Returns which
+    children are empty."""
+    empty = numpy.zeros(len(kids), dtype=bool)
+    for layer in numpy.unique(which):
+        at = numpy.nonzero(which == layer)[0]
+        after = chain.relu_input[chain.relus[int(layer)]]
+        if after == bound_targets(chain.net)[-1]:
+            continue
+        group = kids.take(at)
+        bounds, empty[at] = refine_bounds(net, root, lo, hi, group.splits, chain.relu_input, group.bounds, after,
+                                          fast)
+        for name, (blo, bhi) in bounds.items():
+            kids.bounds[name][0][at], kids.bounds[name][1][at] = blo, bhi
+    return empty
+
+
 def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, settings: BabSettings,
             strict_rows=None, check=None, progress=None) -> BabOutcome:
     """Split and bound until every domain is proven (bound > 0; >= 0 where strict_rows[row]).
@@ -156,6 +207,10 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
     replayed counterexample) ends the search with status 'sat'."""
     out = BabOutcome("unsat", max_open=len(doms))
     strict_rows = numpy.zeros(int(doms.row.max()) + 1, dtype=bool) if strict_rows is None else strict_rows
+    if settings.refine and not doms.bounds:
+        doms.bounds = _root_bounds(chain, len(doms))
+    cap = _domain_cap(chain, settings)
+    fast = exact_float32(net) if settings.refine and settings.dtype == "float32" else None
     per_parent = 0.0  # seconds the last round took per parent domain: rounds are sized to end in time
     while len(doms):
         now = time.perf_counter()
@@ -165,20 +220,22 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
         if now > deadline or batch < 1:
             out.status = "timeout"
             return out
-        if len(doms) > settings.max_domains:
+        if len(doms) > cap:
             out.status = "unknown"
             return out
         order = numpy.argsort(doms.bound, kind="stable")
         pick, rest = order[:batch], order[batch:]
         parents = doms.take(pick)
-        which, index = choose_splits(chain, parents, settings.candidates)
+        view = chain.with_bounds(parents.bounds)
+        which, index = choose_splits(view, parents, settings.candidates)
         if time.perf_counter() > deadline:  # each step of a round can take seconds on a conv net
             out.status = "timeout"
             return out
         if (which < 0).any():  # every neuron fixed: the network is affine there, an LP decides it
             leaves = numpy.nonzero(which < 0)[0]
             for i in leaves:
-                verdict, x = leaf_lp(net, chain, root, lo, hi, parents.take([i]))
+                leaf = parents.take([i])
+                verdict, x = leaf_lp(net, chain.with_bounds(leaf.bounds), root, lo, hi, leaf)
                 out.leaf_lps += 1
                 if verdict == "sat" and check is not None and check(x):
                     out.status, out.counterexample = "sat", x
@@ -194,22 +251,31 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
                 doms = doms.take(rest)
                 continue
         kids = children(parents, chain, which, index)
-        kids.alpha, kids.beta, relaxed = optimise(chain, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
-                                                  settings.iterations, settings.lr_alpha, settings.lr_beta,
-                                                  deadline=deadline)
-        if time.perf_counter() > deadline:
-            out.status = "timeout"
-            return out
-        kids.bound = domain_lower(net, root, lo, hi, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
-                                  chain.relu_input)
+        if settings.refine:
+            empty = refine_children(net, chain, root, lo, hi, kids, numpy.concatenate([which, which]), fast)
+            out.empty += int(empty.sum())
+            kids = kids.take(numpy.nonzero(~empty)[0])
+        if len(kids):
+            view = chain.with_bounds(kids.bounds)
+            kids.alpha, kids.beta, relaxed = optimise(view, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
+                                                      settings.iterations, settings.lr_alpha, settings.lr_beta,
+                                                      deadline=deadline)
+            if time.perf_counter() > deadline:
+                out.status = "timeout"
+                return out
+            # a child lies inside its parent, so the parent's bound (inherited) holds on it too; with
+            # other intermediate bounds and lines the child's own can come out lower
+            kids.bound = numpy.maximum(kids.bound, domain_lower(net, root, lo, hi, kids.A, kids.c, kids.alpha,
+                                                                kids.beta, kids.splits, chain.relu_input,
+                                                                kids.bounds))
         out.rounds += 1
-        out.domains_bounded += len(kids)
+        out.domains_bounded += 2 * len(parents)
         per_parent = (time.perf_counter() - now) / len(parents)
         strict = strict_rows[kids.row]
         proven = (kids.bound > 0) | (strict & (kids.bound >= 0))
         open_kids = kids.take(numpy.nonzero(~proven)[0])
         if len(open_kids) and check is not None:
-            for x in corner_candidates(net, chain, open_kids):
+            for x in corner_candidates(net, chain.with_bounds(open_kids.bounds), open_kids):
                 if check(x):
                     out.status, out.counterexample = "sat", x
                     return out
@@ -218,6 +284,7 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
             return out
         doms = Domains.concat([remaining, open_kids])
         out.max_open = max(out.max_open, len(doms))
+        out.open, out.lowest = len(doms), float(doms.bound.min())
         if progress is not None:
             progress(out, len(doms))
     return out
@@ -281,7 +348,8 @@ def leaf_lp(net, chain: Chain, root, lo, hi, dom: Domains):
     duals = -res.ineqlin.marginals if rows else []
     for (relu, j), b in zip(owners, duals):
         beta[relu].reshape(-1)[j] = max(float(b), 0.0)
-    bound = domain_lower(net, root, lo, hi, dom.A, dom.c, dom.alpha, beta, dom.splits, chain.relu_input)
+    bound = domain_lower(net, root, lo, hi, dom.A, dom.c, dom.alpha, beta, dom.splits, chain.relu_input,
+                         dom.bounds)
     return ("unsat" if bound[0] > 0 else "unknown"), None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy
 
-from ..certifiers.crown import CostModel, _Batch, check_supported, memory_budget, serial_blas
+from ..certifiers.crown import CostModel, _Batch, bound_targets, check_supported, memory_budget, serial_blas
 from ..errors import InvalidParameterError
 
 
@@ -65,28 +65,66 @@ def spec_lower_bounds(net, lo, hi, A, c=None, method: str = "crown"):
     return spec_lower(box_bounds(net, lo, hi, method), A, c)
 
 
-def domain_lower(net, root, lo, hi, A, c, alpha=None, beta=None, splits=None, relu_inputs=None):
+def exact_float32(net):
+    """``net`` in float32 when that rounds no parameter (a float32 model read in float64), else
+    None. The rigorous engine is exact about its own dtype's rounding, so on this copy it bounds the
+    same function, at float32 speed, with float32's (larger) rounding allowance."""
+    fast = net.astype(numpy.float32)
+    for node, copy in zip(net.nodes, fast.nodes):
+        for name, a in node.params.items():
+            a = numpy.asarray(a)
+            if a.dtype.kind == "f" and not numpy.array_equal(numpy.asarray(copy.params[name], dtype=a.dtype), a):
+                return None
+    return fast
+
+
+def _outward(lo, hi, dtype):
+    """[lo, hi] in ``dtype``, rounded outwards so that it contains the given interval."""
+    if lo.dtype == dtype:
+        return lo, hi
+    flo, fhi = lo.astype(dtype), hi.astype(dtype)
+    flo = numpy.where(flo > lo, numpy.nextafter(flo, dtype.type(-numpy.inf)), flo)
+    fhi = numpy.where(fhi < hi, numpy.nextafter(fhi, dtype.type(numpy.inf)), fhi)
+    return flo, fhi
+
+
+def _domain_batch(net, root, lo, hi, n, splits, relu_inputs, bounds=None):
+    """A rigorous batch over n subdomains of the box in ``net``'s dtype: ``root``'s node bounds,
+    replaced by ``bounds`` (name -> (lo, hi), each (n, *shape)) where given, with each split
+    pre-activation clamped; box and bounds rounded outwards into that dtype."""
+    dtype = numpy.dtype(net.dtype)
+    lo, hi = _outward(*_boxes(net, lo, hi), dtype)
+    lo, hi = numpy.broadcast_to(lo, (n,) + lo.shape[1:]), numpy.broadcast_to(hi, (n,) + hi.shape[1:])
+    bounds = bounds or {}
+    per_domain = {}
+    for name, (blo, bhi) in root.bounds.items():
+        if name in bounds:
+            blo, bhi = bounds[name]
+        blo, bhi = _outward(blo, bhi, dtype)
+        per_domain[name] = (numpy.repeat(blo, n, axis=0) if blo.shape[0] == 1 else blo,
+                            numpy.repeat(bhi, n, axis=0) if bhi.shape[0] == 1 else bhi)
+    batch = _Batch(net, lo, 0.0, "linf", None, box=(lo, hi), node_bounds=per_domain)
+    for relu, s in (splits or {}).items():
+        h = relu_inputs[relu]
+        blo, bhi = batch.bounds[h]
+        batch.bounds[h] = (numpy.where(s > 0, numpy.maximum(blo, 0.0), blo),
+                           numpy.where(s < 0, numpy.minimum(bhi, 0.0), bhi))
+    return batch
+
+
+def domain_lower(net, root, lo, hi, A, c, alpha=None, beta=None, splits=None, relu_inputs=None, bounds=None):
     """Sound lower bounds (B,) of c_b + A_b . f(x) over the subdomains b of the box [lo, hi].
 
-    ``root``: a ``box_bounds`` batch over the whole box (B = 1); subdomain b keeps its node bounds,
-    with each split pre-activation clamped (splits[relu] = +1: h >= 0, -1: h <= 0, 0: free), uses
-    ReLU lower slopes ``alpha[relu]`` and adds the split terms -beta s h (>= 0 ... see
+    ``root``: a ``box_bounds`` batch over the whole box (B = 1); subdomain b keeps its node bounds
+    (``bounds[name]`` (B, *shape) where given, e.g. from ``refine_bounds``, else the root's), with
+    each split pre-activation clamped (splits[relu] = +1: h >= 0, -1: h <= 0, 0: free), uses ReLU
+    lower slopes ``alpha[relu]`` and adds the split terms -beta s h (>= 0 ... see
     ``robeval.verify.alpha``); any values of alpha and beta >= 0 give a sound bound.
     ``relu_inputs`` maps each ReLU node to the node it reads."""
     alpha, beta, splits = alpha or {}, beta or {}, splits or {}
     A = numpy.asarray(A, dtype=numpy.float64)
     n = A.shape[0]
-    lo, hi = _boxes(net, lo, hi)
-    lo, hi = numpy.broadcast_to(lo, (n,) + lo.shape[1:]), numpy.broadcast_to(hi, (n,) + hi.shape[1:])
-    per_domain = {name: (numpy.repeat(blo, n, axis=0) if blo.shape[0] == 1 else blo,
-                         numpy.repeat(bhi, n, axis=0) if bhi.shape[0] == 1 else bhi)
-                  for name, (blo, bhi) in root.bounds.items()}
-    batch = _Batch(net, lo, 0.0, "linf", None, box=(lo, hi), node_bounds=per_domain)
-    for relu, s in splits.items():
-        h = relu_inputs[relu]
-        blo, bhi = batch.bounds[h]
-        batch.bounds[h] = (numpy.where(s > 0, numpy.maximum(blo, 0.0), blo),
-                           numpy.where(s < 0, numpy.minimum(bhi, 0.0), bhi))
+    batch = _domain_batch(net, root, lo, hi, n, splits, relu_inputs, bounds)
     batch.lower_slopes = dict(alpha)
     batch.extra = {relu_inputs[relu]: (-numpy.maximum(b, 0.0) * splits[relu])[:, None] for relu, b in beta.items()}
     c = numpy.zeros(n) if c is None else numpy.asarray(c, dtype=numpy.float64)
@@ -94,4 +132,33 @@ def domain_lower(net, root, lo, hi, A, c, alpha=None, beta=None, splits=None, re
         return batch.spec_lower(A[:, None, :], c[:, None])[:, 0]
 
 
-__all__ = ["as_verification_network", "box_bounds", "domain_lower", "spec_lower", "spec_lower_bounds"]
+def refine_bounds(net, root, lo, hi, splits, relu_inputs, bounds=None, after=None, fast=None):
+    """Each subdomain's own bounds of the nodes nonlinear ops read (name -> (lo, hi), (n, *shape),
+    float64), and which subdomains are empty (n,).
+
+    CROWN recomputed layer by layer with the splits' pre-activations clamped (h >= 0 makes a ReLU
+    the identity there, h <= 0 makes it zero), so a split stabilises neurons after it; each result
+    is intersected with the bounds it starts from (``bounds``, else the root's), so it never loosens.
+    Nodes up to ``after`` (a node name) are kept as they are (no split lies before it). ``fast``: an
+    ``exact_float32`` copy of ``net`` to compute on. A subdomain where some lower bound exceeds its
+    upper bound contains no point of the box: rigorously empty."""
+    n = int(next(iter(splits.values())).shape[0])
+    batch = _domain_batch(net if fast is None else fast, root, lo, hi, n, splits, relu_inputs, bounds)
+    targets = bound_targets(net)
+    skip = targets[: targets.index(after) + 1] if after in targets else []
+    batch.recheck = {relu_inputs[relu]: s != 0 for relu, s in splits.items()}  # may show them empty
+    with serial_blas(numpy):
+        batch.tighten(False, CostModel(net, "crown", batch.dtype.itemsize), memory_budget(), skip=set(skip))
+    out = {}
+    empty = numpy.zeros(n, dtype=bool)
+    for name in targets:
+        start = bounds[name] if bounds and name in bounds else root.bounds[name]
+        blo, bhi = (a.astype(numpy.float64) for a in batch.bounds[name])
+        blo, bhi = numpy.maximum(blo, start[0]), numpy.minimum(bhi, start[1])
+        out[name] = (blo, bhi)
+        empty |= (blo > bhi).reshape(n, -1).any(axis=1)
+    return out, empty
+
+
+__all__ = ["as_verification_network", "box_bounds", "domain_lower", "exact_float32", "refine_bounds", "spec_lower",
+           "spec_lower_bounds"]

@@ -124,7 +124,7 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     doms.splits = {k: v.copy() for k, v in zeros.items()}
     outcome = run_bab(net, chain, root, lo, hi, doms, deadline, settings, strict, check, progress)
     details.update(stage="bab", rounds=outcome.rounds, domains=outcome.domains_bounded, max_open=outcome.max_open,
-                   leaf_lps=outcome.leaf_lps,
+                   leaf_lps=outcome.leaf_lps, empty=outcome.empty, open=outcome.open, open_lowest=outcome.lowest,
                    time=time.perf_counter() - start)
     if outcome.status == "sat":
         details["x"] = outcome.counterexample

@@ -139,7 +139,8 @@ def refine_bounds(net, root, lo, hi, splits, relu_inputs, bounds=None, after=Non
     CROWN recomputed layer by layer with the splits' pre-activations clamped (h >= 0 makes a ReLU
     the identity there, h <= 0 makes it zero), so a split stabilises neurons after it; each result
     is intersected with the bounds it starts from (``bounds``, else the root's), so it never loosens.
-    Nodes up to ``after`` (a node name) are kept as they are (no split lies before it). ``fast``: an
+    Nodes up to ``after`` (a node name) are kept as they are (no split lies before it) and left out
+    of the result. ``fast``: an
     ``exact_float32`` copy of ``net`` to compute on. A subdomain where some lower bound exceeds its
     upper bound contains no point of the box: rigorously empty."""
     n = int(next(iter(splits.values())).shape[0])
@@ -151,7 +152,7 @@ def refine_bounds(net, root, lo, hi, splits, relu_inputs, bounds=None, after=Non
         batch.tighten(False, CostModel(net, "crown", batch.dtype.itemsize), memory_budget(), skip=set(skip))
     out = {}
     empty = numpy.zeros(n, dtype=bool)
-    for name in targets:
+    for name in targets[len(skip):]:  # the kept ones are as given (their splits are clamped where used)
         start = bounds[name] if bounds and name in bounds else root.bounds[name]
         blo, bhi = (a.astype(numpy.float64) for a in batch.bounds[name])
         blo, bhi = numpy.maximum(blo, start[0]), numpy.minimum(bhi, start[1])

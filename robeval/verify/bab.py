@@ -37,7 +37,11 @@ class BabSettings:
     refine: recompute each child's intermediate bounds under its splits (``bounds.refine_bounds``;
     rigorous, in float32 when ``dtype`` is and the network's parameters are float32 values), else
     every domain keeps the root's; bounds_memory_mb: the most memory the domains' own bounds
-    may take (it lowers max_domains when they are large)."""
+    may take (it lowers max_domains when they are large); tighten: before the search, tighten the
+    root's bounds of the hidden layers between the first and the last by branch and bound on the
+    network's prefix (``robeval.verify.tighten``), with at most ``tighten_fraction`` of the time
+    left, each layer ending early once its bounds improve by less than ``tighten_stall`` of their
+    first shortfall per second."""
 
     batch: int = 128
     iterations: int = 15
@@ -50,6 +54,9 @@ class BabSettings:
     dtype: str = "float32"
     refine: bool = True
     bounds_memory_mb: float = 2048.0
+    tighten: bool = True
+    tighten_fraction: float = 0.25
+    tighten_stall: float = 0.005
 
 
 @dataclass

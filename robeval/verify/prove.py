@@ -16,6 +16,7 @@ import numpy
 from .alpha import Chain, NotAChain, initial_alpha, optimise, tighten_intermediate
 from .bab import BabSettings, Domains, run_bab
 from .bounds import as_verification_network, box_bounds, domain_lower, spec_lower
+from .tighten import bab_intermediate
 
 
 def _rows(case):
@@ -65,6 +66,14 @@ def crown_case(net, case) -> tuple[str, dict]:
                     "crown_proven_rows": int(stage.proven_rows.sum()), "time": time.perf_counter() - start}
 
 
+def _alpha_rows(net, root, lo, hi, A, c, settings: BabSettings, deadline: float):
+    """alpha-CROWN on rows (A, c) over ``root``'s bounds: the chain, the slopes and rigorous bounds."""
+    chain = Chain(net, root.bounds, lo, hi, settings.dtype)
+    alpha = initial_alpha(chain, len(c), {})
+    alpha, _, _ = optimise(chain, A, c, alpha, {}, {}, settings.root_iterations, settings.lr_alpha, deadline=deadline)
+    return chain, alpha, domain_lower(net, root, lo, hi, A, c, alpha, relu_inputs=chain.relu_input)
+
+
 def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabSettings | None = None,
                progress=None) -> tuple[str, dict]:
     """('unsat' | 'sat' | 'unknown' | 'timeout', details) for one case (``deadline``: a
@@ -100,17 +109,28 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     # alpha-CROWN: intermediate bounds first (they limit everything after), then the open rows
     details["stabilised"] = tighten_intermediate(net, root, lo, hi, settings.intermediate_iterations, deadline,
                                                  settings.lr_alpha)
-    chain = Chain(net, root.bounds, lo, hi, settings.dtype)
     rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
-    alpha = initial_alpha(chain, len(rows), {})
-    alpha, _, _ = optimise(chain, A[rows], c[rows], alpha, {}, {}, settings.root_iterations, settings.lr_alpha,
-                           deadline=deadline)
-    lower_a = domain_lower(net, root, lo, hi, A[rows], c[rows], alpha, relu_inputs=chain.relu_input)
+    chain, alpha, lower_a = _alpha_rows(net, root, lo, hi, A[rows], c[rows], settings, deadline)
     proven_rows[rows] = _proven(lower_a, strict[rows])
     details["alpha_proven_rows"] = int(proven_rows.sum())
     todo = open_disjuncts()
     if not len(todo):
         return "unsat", {**details, "stage": "alpha-crown", "time": time.perf_counter() - start}
+    if settings.tighten and len(chain.relus) > 2:
+        # hidden-layer bounds by branch and bound on the prefixes, then alpha-CROWN again on them
+        now = time.perf_counter()
+        report = bab_intermediate(net, root, lo, hi, now + settings.tighten_fraction * (deadline - now), settings)
+        details["tightened"] = report.layers
+        # the layers after them (the last one at least) were bounded over the old bounds: redo
+        details["stabilised"] += tighten_intermediate(net, root, lo, hi, settings.intermediate_iterations, deadline,
+                                                      settings.lr_alpha)
+        rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
+        chain, alpha, lower_a = _alpha_rows(net, root, lo, hi, A[rows], c[rows], settings, deadline)
+        proven_rows[rows] = _proven(lower_a, strict[rows])
+        details["tightened_proven_rows"] = int(proven_rows.sum())
+        todo = open_disjuncts()
+        if not len(todo):
+            return "unsat", {**details, "stage": "tightened", "time": time.perf_counter() - start}
     # BaB on one row per open disjunct: the row whose alpha bound is the largest
     picks, keep = [], numpy.nonzero(numpy.isin(rows, numpy.nonzero(numpy.isin(owner, todo))[0]))[0]
     for d in todo:

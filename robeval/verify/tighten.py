@@ -1,0 +1,171 @@
+"""Intermediate bounds tightened by branch and bound, certified by the rigorous engine.
+
+On deep ReLU nets the bounds of the hidden layers decide everything after them: exact (MILP) bounds
+of mnist_fc's second hidden layer turn a 300 s timeout into a proof in 20 s. A MILP solver's answer
+has no rigorous certificate, so robeval gets bounds of that quality the way it proves properties:
+for every unstable neuron h_j of a layer, both h_j and -h_j are lower-bounded by branch and bound on
+the network's prefix up to that layer, splitting the unstable ReLUs before it. The lowest leaf of
+each objective is split first (best first); the bound is the least rigorous bound over its leaves
+(the leaves cover the box; empty ones hold no point), so it is sound whenever the search stops."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy
+
+from .alpha import Chain, initial_alpha, optimise
+from .bab import BabSettings, Domains, _root_bounds, children, choose_splits, refine_children
+from .bounds import domain_lower, exact_float32
+
+
+@dataclass
+class TightenReport:
+    """Per layer (ReLU input name): unstable neurons before, stabilised, domains bounded, seconds."""
+
+    layers: dict
+
+    @property
+    def stabilised(self) -> int:
+        return sum(v["stabilised"] for v in self.layers.values())
+
+
+def _bab_lower(prefix, root, lo, hi, A, deadline: float, settings: BabSettings, partner=None, trace=None):
+    """Rigorous lower bounds (R,) of A_r . f(x) over the box for the prefix network ``prefix``, by
+    best-first branch and bound until every objective's leaves are all >= 0, cannot be split, or the
+    deadline passes. ``partner[r]``: an objective whose search stops once objective r is >= 0 on
+    the whole box (a neuron's upper bound does not matter once it is proven active)."""
+    r = A.shape[0]
+    partner = numpy.full(r, -1) if partner is None else numpy.asarray(partner)
+    c = numpy.zeros(r)
+    chain = Chain(prefix, root.bounds, lo, hi, settings.dtype)
+    alpha = initial_alpha(chain, r, {})
+    alpha, _, _ = optimise(chain, A, c, alpha, {}, {}, settings.iterations, settings.lr_alpha, deadline=deadline)
+    bound = domain_lower(prefix, root, lo, hi, A, c, alpha, relu_inputs=chain.relu_input)
+    zeros = {relu: numpy.zeros((r,) + root.bounds[chain.relu_input[relu]][0].shape[1:]) for relu in chain.relus}
+    doms = Domains(A, c, numpy.arange(r), zeros, alpha, {k: v.copy() for k, v in zeros.items()}, bound,
+                   _root_bounds(chain, r))
+    doms.splits = {k: v.copy() for k, v in zeros.items()}
+    closed = numpy.full(r, numpy.inf)  # least bound of each objective's leaves that are no longer split
+    fast = exact_float32(prefix) if settings.dtype == "float32" else None
+    done = doms.bound >= 0
+    numpy.minimum.at(closed, doms.row[done], doms.bound[done])
+    doms = doms.take(numpy.nonzero(~done)[0])
+    bounded = 0
+    history = [(time.perf_counter(), numpy.minimum(_current(closed, doms), 0.0).sum())]
+    while len(doms) and time.perf_counter() < deadline:
+        order = numpy.lexsort((doms.bound, doms.row))
+        _, first = numpy.unique(doms.row[order], return_index=True)
+        lowest = order[first]  # each open objective's lowest leaf
+        lowest = lowest[numpy.argsort(doms.bound[lowest])][: 2 * settings.batch]
+        rest = numpy.setdiff1d(numpy.arange(len(doms)), lowest)
+        parents = doms.take(lowest)
+        which, index = choose_splits(chain.with_bounds(parents.bounds), parents, settings.candidates)
+        leaf = which < 0  # every ReLU fixed: its bound is final
+        numpy.minimum.at(closed, parents.row[leaf], parents.bound[leaf])
+        parents, which, index = parents.take(~leaf), which[~leaf], index[~leaf]
+        kids = None
+        if len(parents):
+            kids = children(parents, chain, which, index)
+            empty = refine_children(prefix, chain, root, lo, hi, kids, numpy.concatenate([which, which]), fast)
+            kids = kids.take(numpy.nonzero(~empty)[0])
+        if kids is not None and len(kids):
+            view = chain.with_bounds(kids.bounds)
+            kids.alpha, kids.beta, _ = optimise(view, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
+                                                settings.iterations, settings.lr_alpha, settings.lr_beta,
+                                                deadline=deadline)
+            kids.bound = numpy.maximum(kids.bound, domain_lower(prefix, root, lo, hi, kids.A, kids.c, kids.alpha,
+                                                                kids.beta, kids.splits, chain.relu_input,
+                                                                kids.bounds))
+            bounded += len(kids)
+            done = kids.bound >= 0
+            numpy.minimum.at(closed, kids.row[done], kids.bound[done])
+            kids = kids.take(numpy.nonzero(~done)[0])
+        parts = [p for p in (doms.take(rest), kids) if p is not None and len(p)]
+        doms = Domains.concat(parts) if parts else doms.take(rest)
+        if len(doms):
+            still = numpy.zeros(r, dtype=bool)
+            still[doms.row] = True
+            settled = ~still & (closed >= 0) & (partner >= 0)
+            if settled.any():  # drop the partners of objectives proven >= 0 (their bound stays sound)
+                drop = numpy.isin(doms.row, partner[settled])
+                numpy.minimum.at(closed, doms.row[drop], doms.bound[drop])
+                doms = doms.take(numpy.nonzero(~drop)[0])
+        now = _current(closed, doms)
+        history.append((time.perf_counter(), numpy.minimum(now, 0.0).sum()))
+        if trace is not None:
+            trace.append((history[-1][0], len(numpy.unique(doms.row)), now))
+        if _stalled(history, settings.tighten_stall):
+            break
+    return _current(closed, doms), bounded
+
+
+def _current(closed, doms):
+    """Each objective's bound now: the least over its closed and open leaves."""
+    now = closed.copy()
+    if len(doms):
+        numpy.minimum.at(now, doms.row, doms.bound)
+    return now
+
+
+def _stalled(history, rate: float) -> bool:
+    """The summed shortfall below 0 of the objectives' bounds improved by less than ``rate`` of its
+    first value per second over the recent window (the last fifth of the time spent, >= 0.5 s)."""
+    (t0, g0), (t, g) = history[0], history[-1]
+    window = max(0.5, 0.2 * (t - t0))
+    if t - t0 < 2 * window or g0 >= 0:
+        return False
+    times = numpy.array([h[0] for h in history])
+    past = history[int(numpy.searchsorted(times, t - window, side="right")) - 1][1]
+    return (g - past) < rate * window * -g0
+
+
+def set_node_bounds(root, h, relu, new_lo, new_hi):
+    """Intersect ``root``'s bounds of the ReLU input ``h`` with (new_lo, new_hi), and of its output."""
+    blo, bhi = root.bounds[h]
+    root.bounds[h] = (numpy.maximum(blo, new_lo.reshape(blo.shape)), numpy.minimum(bhi, new_hi.reshape(bhi.shape)))
+    rlo, rhi = root.bounds[relu]
+    root.bounds[relu] = (numpy.maximum(rlo, numpy.maximum(root.bounds[h][0], 0.0)),
+                         numpy.minimum(rhi, numpy.maximum(root.bounds[h][1], 0.0)))
+    root._m.clear()
+
+
+def bab_intermediate(net, root, lo, hi, deadline: float, settings: BabSettings | None = None,
+                     skip_last: bool = True, trace=None) -> TightenReport:
+    """Tighten ``root``'s bounds (in place) of each ReLU input after the first, layer by layer, each
+    unstable neuron's lower and upper bound by ``_bab_lower`` on the prefix up to that layer; the
+    time left before ``deadline`` is shared evenly among the layers still to do. ``skip_last``: leave
+    the last ReLU layer to the main search (its splits are the specification's)."""
+    settings = settings or BabSettings()
+    chain = Chain(net, root.bounds, lo, hi, settings.dtype)
+    relus = chain.relus[1:-1] if skip_last else chain.relus[1:]
+    report = {}
+    for i, relu in enumerate(relus):
+        start = time.perf_counter()
+        if start >= deadline:
+            break
+        h = chain.relu_input[relu]
+        blo, bhi = root.bounds[h]
+        flat_lo, flat_hi = blo.reshape(-1), bhi.reshape(-1)
+        idx = numpy.nonzero((flat_lo < 0) & (flat_hi > 0))[0]
+        if not len(idx):
+            continue
+        k, size = len(idx), flat_lo.size
+        A = numpy.zeros((2 * k, size))
+        A[numpy.arange(k), idx] = 1.0
+        A[k + numpy.arange(k), idx] = -1.0
+        share = start + (deadline - start) / (len(relus) - i)
+        partner = numpy.concatenate([numpy.arange(k, 2 * k), numpy.arange(k)])
+        low, bounded = _bab_lower(net.prefix(h), root, lo, hi, A, share, settings, partner, trace)
+        new_lo, new_hi = flat_lo.copy(), flat_hi.copy()
+        new_lo[idx] = numpy.maximum(new_lo[idx], low[:k])
+        new_hi[idx] = numpy.minimum(new_hi[idx], -low[k:])
+        set_node_bounds(root, h, relu, new_lo, new_hi)
+        stable = int(((new_lo[idx] >= 0) | (new_hi[idx] <= 0)).sum())
+        report[h] = {"unstable": k, "stabilised": stable, "domains": bounded,
+                     "seconds": time.perf_counter() - start}
+    return TightenReport(report)
+
+
+__all__ = ["TightenReport", "bab_intermediate", "set_node_bounds"]

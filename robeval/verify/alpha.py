@@ -282,7 +282,7 @@ def tighten_intermediate(net, root, lo, hi, iterations: int = 20, deadline: floa
     layers use the tighter ones). Returns how many neurons became stable."""
     import time
 
-    from .bounds import domain_lower
+    from .bounds import domain_lower, narrow_node, unstable_rows
 
     chain = Chain(net, root.bounds, lo, hi)
     stabilised = 0
@@ -290,28 +290,14 @@ def tighten_intermediate(net, root, lo, hi, iterations: int = 20, deadline: floa
         if deadline is not None and time.perf_counter() > deadline:
             break
         h = chain.relu_input[relu]
-        blo, bhi = root.bounds[h]
-        flat_lo, flat_hi = blo.reshape(-1), bhi.reshape(-1)
-        idx = numpy.nonzero((flat_lo < 0) & (flat_hi > 0))[0]
+        idx, A = unstable_rows(root, h)
         if not len(idx):
             continue
         prefix = net.prefix(h)
         sub = Chain(prefix, root.bounds, lo, hi)
-        k, size = len(idx), flat_lo.size
-        A = numpy.zeros((2 * k, size))
-        A[numpy.arange(k), idx] = 1.0
-        A[k + numpy.arange(k), idx] = -1.0
-        zeros = numpy.zeros(2 * k)
-        alpha, _, _ = optimise(sub, A, zeros, initial_alpha(sub, 2 * k, {}), {}, {}, iterations, lr,
+        zeros = numpy.zeros(len(A))
+        alpha, _, _ = optimise(sub, A, zeros, initial_alpha(sub, len(A), {}), {}, {}, iterations, lr,
                                deadline=deadline)
         low = domain_lower(prefix, root, lo, hi, A, zeros, alpha, relu_inputs=sub.relu_input)
-        new_lo, new_hi = flat_lo.copy(), flat_hi.copy()
-        new_lo[idx] = numpy.maximum(new_lo[idx], low[:k])
-        new_hi[idx] = numpy.minimum(new_hi[idx], -low[k:])
-        stabilised += int(((new_lo[idx] >= 0) | (new_hi[idx] <= 0)).sum())
-        root.bounds[h] = (new_lo.reshape(blo.shape), new_hi.reshape(bhi.shape))
-        rlo, rhi = root.bounds[relu]
-        root.bounds[relu] = (numpy.maximum(rlo, numpy.maximum(root.bounds[h][0], 0.0)),
-                             numpy.minimum(rhi, numpy.maximum(root.bounds[h][1], 0.0)))
-        root._m.clear()
+        stabilised += narrow_node(root, h, relu, idx, low)
     return stabilised

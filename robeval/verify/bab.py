@@ -206,6 +206,30 @@ def refine_children(net, chain: Chain, root, lo, hi, kids: Domains, which, fast=
     return empty
 
 
+def bound_children(net, chain: Chain, root, lo, hi, parents: Domains, which, index, settings: BabSettings,
+                   deadline: float, fast=None):
+    """The two children of each parent split at (which, index), bounded: (children not proven
+    empty, how many were). Their node bounds are refined under the splits (``settings.refine``),
+    alpha and beta optimised from the parent's, and each bound is the larger of the rigorous one and
+    the parent's (a child lies inside its parent; with other intermediate bounds and lines its own can
+    come out lower). Past ``deadline`` the children keep their parent's bound (still sound)."""
+    kids = children(parents, chain, which, index)
+    empty = 0
+    if settings.refine:
+        gone = refine_children(net, chain, root, lo, hi, kids, numpy.concatenate([which, which]), fast)
+        empty = int(gone.sum())
+        kids = kids.take(numpy.nonzero(~gone)[0])
+    if len(kids):
+        view = chain.with_bounds(kids.bounds)
+        kids.alpha, kids.beta, _ = optimise(view, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
+                                            settings.iterations, settings.lr_alpha, settings.lr_beta, deadline=deadline)
+        if time.perf_counter() <= deadline:
+            kids.bound = numpy.maximum(kids.bound, domain_lower(net, root, lo, hi, kids.A, kids.c, kids.alpha,
+                                                                kids.beta, kids.splits, chain.relu_input,
+                                                                kids.bounds))
+    return kids, empty
+
+
 def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, settings: BabSettings,
             strict_rows=None, check=None, progress=None) -> BabOutcome:
     """Split and bound until every domain is proven (bound > 0; >= 0 where strict_rows[row]).
@@ -257,24 +281,11 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
                     return out
                 doms = doms.take(rest)
                 continue
-        kids = children(parents, chain, which, index)
-        if settings.refine:
-            empty = refine_children(net, chain, root, lo, hi, kids, numpy.concatenate([which, which]), fast)
-            out.empty += int(empty.sum())
-            kids = kids.take(numpy.nonzero(~empty)[0])
-        if len(kids):
-            view = chain.with_bounds(kids.bounds)
-            kids.alpha, kids.beta, relaxed = optimise(view, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
-                                                      settings.iterations, settings.lr_alpha, settings.lr_beta,
-                                                      deadline=deadline)
-            if time.perf_counter() > deadline:
-                out.status = "timeout"
-                return out
-            # a child lies inside its parent, so the parent's bound (inherited) holds on it too; with
-            # other intermediate bounds and lines the child's own can come out lower
-            kids.bound = numpy.maximum(kids.bound, domain_lower(net, root, lo, hi, kids.A, kids.c, kids.alpha,
-                                                                kids.beta, kids.splits, chain.relu_input,
-                                                                kids.bounds))
+        kids, empty = bound_children(net, chain, root, lo, hi, parents, which, index, settings, deadline, fast)
+        out.empty += empty
+        if time.perf_counter() > deadline:
+            out.status = "timeout"
+            return out
         out.rounds += 1
         out.domains_bounded += 2 * len(parents)
         per_parent = (time.perf_counter() - now) / len(parents)

@@ -161,5 +161,35 @@ def refine_bounds(net, root, lo, hi, splits, relu_inputs, bounds=None, after=Non
     return out, empty
 
 
-__all__ = ["as_verification_network", "box_bounds", "domain_lower", "exact_float32", "refine_bounds", "spec_lower",
-           "spec_lower_bounds"]
+def unstable_rows(root, h):
+    """The unstable neurons of node ``h`` in ``root`` (flat indices, k) and the rows (2k, size)
+    whose lower bounds are their lower bounds (+e_j) and minus their upper bounds (-e_j)."""
+    blo, bhi = root.bounds[h]
+    flat_lo, flat_hi = blo.reshape(-1), bhi.reshape(-1)
+    idx = numpy.nonzero((flat_lo < 0) & (flat_hi > 0))[0]
+    k = len(idx)
+    A = numpy.zeros((2 * k, flat_lo.size))
+    A[numpy.arange(k), idx] = 1.0
+    A[k + numpy.arange(k), idx] = -1.0
+    return idx, A
+
+
+def narrow_node(root, h, relu, idx, low) -> int:
+    """Intersect ``root``'s bounds of the ReLU input ``h`` at ``idx`` with the lower bounds ``low``
+    of ``unstable_rows``' rows, and the ReLU's output bounds with the result; returns how many of
+    those neurons are now stable."""
+    k = len(idx)
+    blo, bhi = root.bounds[h]
+    new_lo, new_hi = blo.reshape(-1).copy(), bhi.reshape(-1).copy()
+    new_lo[idx] = numpy.maximum(new_lo[idx], low[:k])
+    new_hi[idx] = numpy.minimum(new_hi[idx], -low[k:])
+    root.bounds[h] = (new_lo.reshape(blo.shape), new_hi.reshape(bhi.shape))
+    rlo, rhi = root.bounds[relu]
+    root.bounds[relu] = (numpy.maximum(rlo, numpy.maximum(root.bounds[h][0], 0.0)),
+                         numpy.minimum(rhi, numpy.maximum(root.bounds[h][1], 0.0)))
+    root._m.clear()
+    return int(((new_lo[idx] >= 0) | (new_hi[idx] <= 0)).sum())
+
+
+__all__ = ["as_verification_network", "box_bounds", "domain_lower", "exact_float32", "narrow_node", "refine_bounds",
+           "spec_lower", "spec_lower_bounds", "unstable_rows"]

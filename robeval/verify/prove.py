@@ -119,8 +119,8 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     if settings.tighten and len(chain.relus) > 2:
         # hidden-layer bounds by branch and bound on the prefixes, then alpha-CROWN again on them
         now = time.perf_counter()
-        report = bab_intermediate(net, root, lo, hi, now + settings.tighten_fraction * (deadline - now), settings)
-        details["tightened"] = report.layers
+        details["tightened"] = bab_intermediate(net, root, lo, hi, now + settings.tighten_fraction * (deadline - now),
+                                                settings)
         # the layers after them (the last one at least) were bounded over the old bounds: redo
         details["stabilised"] += tighten_intermediate(net, root, lo, hi, settings.intermediate_iterations, deadline,
                                                       settings.lr_alpha)

@@ -11,24 +11,12 @@ each objective is split first (best first); the bound is the least rigorous boun
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy
 
 from .alpha import Chain, initial_alpha, optimise
-from .bab import BabSettings, Domains, _root_bounds, children, choose_splits, refine_children
-from .bounds import domain_lower, exact_float32
-
-
-@dataclass
-class TightenReport:
-    """Per layer (ReLU input name): unstable neurons before, stabilised, domains bounded, seconds."""
-
-    layers: dict
-
-    @property
-    def stabilised(self) -> int:
-        return sum(v["stabilised"] for v in self.layers.values())
+from .bab import BabSettings, Domains, _root_bounds, bound_children, choose_splits
+from .bounds import domain_lower, exact_float32, narrow_node, unstable_rows
 
 
 def _bab_lower(prefix, root, lo, hi, A, deadline: float, settings: BabSettings, partner=None, trace=None):
@@ -67,17 +55,7 @@ def _bab_lower(prefix, root, lo, hi, A, deadline: float, settings: BabSettings, 
         parents, which, index = parents.take(~leaf), which[~leaf], index[~leaf]
         kids = None
         if len(parents):
-            kids = children(parents, chain, which, index)
-            empty = refine_children(prefix, chain, root, lo, hi, kids, numpy.concatenate([which, which]), fast)
-            kids = kids.take(numpy.nonzero(~empty)[0])
-        if kids is not None and len(kids):
-            view = chain.with_bounds(kids.bounds)
-            kids.alpha, kids.beta, _ = optimise(view, kids.A, kids.c, kids.alpha, kids.beta, kids.splits,
-                                                settings.iterations, settings.lr_alpha, settings.lr_beta,
-                                                deadline=deadline)
-            kids.bound = numpy.maximum(kids.bound, domain_lower(prefix, root, lo, hi, kids.A, kids.c, kids.alpha,
-                                                                kids.beta, kids.splits, chain.relu_input,
-                                                                kids.bounds))
+            kids, _ = bound_children(prefix, chain, root, lo, hi, parents, which, index, settings, deadline, fast)
             bounded += len(kids)
             done = kids.bound >= 0
             numpy.minimum.at(closed, kids.row[done], kids.bound[done])
@@ -121,22 +99,14 @@ def _stalled(history, rate: float) -> bool:
     return (g - past) < rate * window * -g0
 
 
-def set_node_bounds(root, h, relu, new_lo, new_hi):
-    """Intersect ``root``'s bounds of the ReLU input ``h`` with (new_lo, new_hi), and of its output."""
-    blo, bhi = root.bounds[h]
-    root.bounds[h] = (numpy.maximum(blo, new_lo.reshape(blo.shape)), numpy.minimum(bhi, new_hi.reshape(bhi.shape)))
-    rlo, rhi = root.bounds[relu]
-    root.bounds[relu] = (numpy.maximum(rlo, numpy.maximum(root.bounds[h][0], 0.0)),
-                         numpy.minimum(rhi, numpy.maximum(root.bounds[h][1], 0.0)))
-    root._m.clear()
-
-
 def bab_intermediate(net, root, lo, hi, deadline: float, settings: BabSettings | None = None,
-                     skip_last: bool = True, trace=None) -> TightenReport:
+                     skip_last: bool = True, trace=None) -> dict:
     """Tighten ``root``'s bounds (in place) of each ReLU input after the first, layer by layer, each
     unstable neuron's lower and upper bound by ``_bab_lower`` on the prefix up to that layer; the
     time left before ``deadline`` is shared evenly among the layers still to do. ``skip_last``: leave
-    the last ReLU layer to the main search (its splits are the specification's)."""
+    the last ReLU layer to the main search (its splits are the specification's). Returns, per layer
+    tightened (its ReLU input's name): unstable neurons before, how many became stable, domains
+    bounded, seconds. ``trace``: a list that gets (time, open objectives, bounds) after each round."""
     settings = settings or BabSettings()
     chain = Chain(net, root.bounds, lo, hi, settings.dtype)
     relus = chain.relus[1:-1] if skip_last else chain.relus[1:]
@@ -146,26 +116,17 @@ def bab_intermediate(net, root, lo, hi, deadline: float, settings: BabSettings |
         if start >= deadline:
             break
         h = chain.relu_input[relu]
-        blo, bhi = root.bounds[h]
-        flat_lo, flat_hi = blo.reshape(-1), bhi.reshape(-1)
-        idx = numpy.nonzero((flat_lo < 0) & (flat_hi > 0))[0]
+        idx, A = unstable_rows(root, h)
         if not len(idx):
             continue
-        k, size = len(idx), flat_lo.size
-        A = numpy.zeros((2 * k, size))
-        A[numpy.arange(k), idx] = 1.0
-        A[k + numpy.arange(k), idx] = -1.0
+        k = len(idx)
         share = start + (deadline - start) / (len(relus) - i)
         partner = numpy.concatenate([numpy.arange(k, 2 * k), numpy.arange(k)])
         low, bounded = _bab_lower(net.prefix(h), root, lo, hi, A, share, settings, partner, trace)
-        new_lo, new_hi = flat_lo.copy(), flat_hi.copy()
-        new_lo[idx] = numpy.maximum(new_lo[idx], low[:k])
-        new_hi[idx] = numpy.minimum(new_hi[idx], -low[k:])
-        set_node_bounds(root, h, relu, new_lo, new_hi)
-        stable = int(((new_lo[idx] >= 0) | (new_hi[idx] <= 0)).sum())
+        stable = narrow_node(root, h, relu, idx, low)
         report[h] = {"unstable": k, "stabilised": stable, "domains": bounded,
                      "seconds": time.perf_counter() - start}
-    return TightenReport(report)
+    return report
 
 
-__all__ = ["TightenReport", "bab_intermediate", "set_node_bounds"]
+__all__ = ["bab_intermediate"]

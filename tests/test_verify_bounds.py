@@ -305,6 +305,34 @@ def _milp_minimum(net, lo, hi, row):
     return float(res.fun + row @ last.params["bias"])
 
 
+def _verdicts_against_milp(sizes, seeds, weights, settings):
+    """For each seed a tiny random MLP, a box, and its margin rows, each row's exact minimum from the
+    MILP: 'unsat' never where it is <= 0, always where it is clearly positive. Returns how many rows
+    were clearly safe, how many unsafe, and every case's details."""
+    seen_safe = seen_unsafe = 0
+    all_details = []
+    for seed in seeds:
+        rng = numpy.random.default_rng(seed)
+        net = as_verification_network(random_mlp(rng, sizes).astype(weights))
+        lo, hi = _box(rng, net, 0.5)
+        k = sizes[-1]
+        y = int(net.forward((lo + hi) / 2).argmax())
+        for j in (j for j in range(k) if j != y):
+            row = numpy.eye(k)[y] - numpy.eye(k)[j]
+            exact = _milp_minimum(net, lo, hi, row)
+            sampled = (net.forward(_samples(rng, lo, hi, 2000)) @ row).min()
+            assert exact <= sampled + 1e-7  # the oracle is a true minimum (no point below it)
+            status, details = prove_case(net, _case(lo, hi, [row]), time.perf_counter() + 20, settings=settings)
+            all_details.append(details)
+            if exact < -1e-7:
+                seen_unsafe += 1
+                assert status != "unsat", (seed, j, exact, details)
+            if exact > 1e-3:
+                seen_safe += 1
+                assert status == "unsat", (seed, j, exact, details)
+    return seen_safe, seen_unsafe, all_details
+
+
 @pytest.mark.parametrize("dtype,refine,weights", [("float32", True, "float32"), ("float32", True, "float64"),
                                                   ("float64", True, "float64"), ("float32", False, "float64")])
 def test_verdicts_against_exact_milp_minima(dtype, refine, weights):
@@ -312,26 +340,9 @@ def test_verdicts_against_exact_milp_minima(dtype, refine, weights):
     complete enough) every case whose minimum is clearly positive is proven, with the optimiser in
     either dtype, with and without per-domain intermediate bounds (computed in float32 for a net
     whose weights are float32 values)."""
-    seen_safe = seen_unsafe = 0
-    for seed in range(16):
-        rng = numpy.random.default_rng(500 + seed)
-        net = as_verification_network(random_mlp(rng, (3, 8, 8, 3)).astype(weights))
-        lo, hi = _box(rng, net, 0.5)
-        y = int(net.forward((lo + hi) / 2).argmax())
-        for j in (j for j in range(3) if j != y):
-            row = numpy.eye(3)[y] - numpy.eye(3)[j]
-            exact = _milp_minimum(net, lo, hi, row)
-            sampled = (net.forward(_samples(rng, lo, hi, 2000)) @ row).min()
-            assert exact <= sampled + 1e-7  # the oracle is a true minimum (no point below it)
-            status, details = prove_case(net, _case(lo, hi, [row]), time.perf_counter() + 20,
-                                         settings=BabSettings(batch=16, max_domains=4000, dtype=dtype,
-                                                              refine=refine))
-            if exact < -1e-7:
-                seen_unsafe += 1
-                assert status != "unsat", (seed, j, exact, details)
-            if exact > 1e-3:
-                seen_safe += 1
-                assert status == "unsat", (seed, j, exact, details)
+    seen_safe, seen_unsafe, _ = _verdicts_against_milp((3, 8, 8, 3), [500 + seed for seed in range(16)], weights,
+                                                       BabSettings(batch=16, max_domains=4000, dtype=dtype,
+                                                                   refine=refine))
     assert seen_safe >= 5 and seen_unsafe >= 5
 
 

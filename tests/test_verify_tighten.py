@@ -7,12 +7,11 @@ import time
 
 import numpy
 import pytest
-from test_verify_bounds import _box, _case, _milp_minimum, _samples
+from test_verify_bounds import _box, _milp_minimum, _samples, _verdicts_against_milp
 
 from robeval.verify.alpha import Chain, tighten_intermediate
 from robeval.verify.bab import BabSettings
 from robeval.verify.bounds import as_verification_network, box_bounds
-from robeval.verify.prove import prove_case
 from robeval.verify.tighten import _stalled, bab_intermediate
 
 from nets import random_mlp
@@ -76,24 +75,9 @@ def test_tightened_bounds_against_exact_milp_bounds():
 def test_verdicts_with_tightened_bounds_against_exact_milp_minima():
     """Deeper tiny nets (three ReLU layers, so the middle one is tightened): 'unsat' never where the
     exact minimum is <= 0, and every clearly positive one proven."""
-    seen_safe = seen_unsafe = tightened = 0
-    for seed in range(10):
-        rng = numpy.random.default_rng(900 + seed)
-        net = as_verification_network(random_mlp(rng, (3, 8, 8, 8, 3)).astype("float32"))
-        lo, hi = _box(rng, net, 0.5)
-        y = int(net.forward((lo + hi) / 2).argmax())
-        for j in (j for j in range(3) if j != y):
-            row = numpy.eye(3)[y] - numpy.eye(3)[j]
-            exact = _milp_minimum(net, lo, hi, row)
-            status, details = prove_case(net, _case(lo, hi, [row]), time.perf_counter() + 20,
-                                         settings=BabSettings(batch=16, max_domains=4000))
-            tightened += "tightened" in details
-            if exact < -1e-7:
-                seen_unsafe += 1
-                assert status != "unsat", (seed, j, exact, details)
-            if exact > 1e-3:
-                seen_safe += 1
-                assert status == "unsat", (seed, j, exact, details)
+    seen_safe, seen_unsafe, details = _verdicts_against_milp((3, 8, 8, 8, 3), [900 + seed for seed in range(10)],
+                                                             "float32", BabSettings(batch=16, max_domains=4000))
+    tightened = sum("tightened" in d for d in details)
     assert seen_safe >= 5 and seen_unsafe >= 5 and tightened >= 3
 
 

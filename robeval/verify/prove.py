@@ -106,28 +106,28 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
         return "unknown", {**details, "stage": "crown", "time": time.perf_counter() - start}
     if time.perf_counter() > deadline:
         return "timeout", {**details, "stage": "crown", "time": time.perf_counter() - start}
-    # alpha-CROWN: intermediate bounds first (they limit everything after), then the open rows
-    details["stabilised"] = tighten_intermediate(net, root, lo, hi, settings.intermediate_iterations, deadline,
-                                                 settings.lr_alpha)
-    rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
-    chain, alpha, lower_a = _alpha_rows(net, root, lo, hi, A[rows], c[rows], settings, deadline)
-    proven_rows[rows] = _proven(lower_a, strict[rows])
-    details["alpha_proven_rows"] = int(proven_rows.sum())
+    def alpha_stage(key):
+        """alpha-CROWN over root's bounds: intermediate layers first (they limit everything after),
+        then the open rows; ``details[key]``: rows proven so far."""
+        details["stabilised"] = details.get("stabilised", 0) + tighten_intermediate(
+            net, root, lo, hi, settings.intermediate_iterations, deadline, settings.lr_alpha)
+        rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
+        chain, alpha, lower = _alpha_rows(net, root, lo, hi, A[rows], c[rows], settings, deadline)
+        proven_rows[rows] = _proven(lower, strict[rows])
+        details[key] = int(proven_rows.sum())
+        return rows, chain, alpha, lower
+
+    rows, chain, alpha, lower_a = alpha_stage("alpha_proven_rows")
     todo = open_disjuncts()
     if not len(todo):
         return "unsat", {**details, "stage": "alpha-crown", "time": time.perf_counter() - start}
     if settings.tighten and len(chain.relus) > 2:
-        # hidden-layer bounds by branch and bound on the prefixes, then alpha-CROWN again on them
+        # hidden-layer bounds by branch and bound on the prefixes, then alpha-CROWN again on them (the
+        # layers after those tightened, the last one at least, were bounded over the old bounds)
         now = time.perf_counter()
         details["tightened"] = bab_intermediate(net, root, lo, hi, now + settings.tighten_fraction * (deadline - now),
                                                 settings)
-        # the layers after them (the last one at least) were bounded over the old bounds: redo
-        details["stabilised"] += tighten_intermediate(net, root, lo, hi, settings.intermediate_iterations, deadline,
-                                                      settings.lr_alpha)
-        rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
-        chain, alpha, lower_a = _alpha_rows(net, root, lo, hi, A[rows], c[rows], settings, deadline)
-        proven_rows[rows] = _proven(lower_a, strict[rows])
-        details["tightened_proven_rows"] = int(proven_rows.sum())
+        rows, chain, alpha, lower_a = alpha_stage("tightened_proven_rows")
         todo = open_disjuncts()
         if not len(todo):
             return "unsat", {**details, "stage": "tightened", "time": time.perf_counter() - start}

@@ -88,3 +88,4 @@ def test_stall_rule():
     flat = [(0.1 * i, -100.0 + min(i, 10) * 5.0) for i in range(40)]  # no change for the last 3 s
     assert _stalled(flat, 0.005)
     assert not _stalled(flat[:5], 0.005)  # too early to tell
+    assert not _stalled(flat, 0.0)  # rate 0 (the default): a layer runs to its share of the time

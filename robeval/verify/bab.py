@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy
@@ -26,6 +26,7 @@ from ..certifiers.crown import bound_targets
 from ..ir.registry import get_op
 from .alpha import Chain, optimise
 from .bounds import domain_lower, exact_float32, refine_bounds
+from .domains import DomainPool, Domains
 
 
 @dataclass
@@ -38,10 +39,11 @@ class BabSettings:
     rigorous, in float32 when ``dtype`` is and the network's parameters are float32 values), else
     every domain keeps the root's; bounds_memory_mb: the most memory the domains' own bounds
     may take (it lowers max_domains when they are large); tighten: before the search, tighten the
-    root's bounds of the hidden layers between the first and the last by branch and bound on the
-    network's prefix (``robeval.verify.tighten``), with at most ``tighten_fraction`` of the time
-    left, each layer ending early once its bounds improve by less than ``tighten_stall`` of their
-    first shortfall per second."""
+    root's bounds of the hidden layers after the first by branch and bound on the network's prefix
+    (``robeval.verify.tighten``), in rounds of ``tighten_first`` seconds, then twice as long each
+    time, until the property is proven or ``tighten_fraction`` of the time left is spent;
+    tighten_stall > 0 ends a layer early once its bounds improve by less than that fraction of their
+    first shortfall per second (0: off; bounds that creep up still stabilise neurons late)."""
 
     batch: int = 128
     iterations: int = 15
@@ -55,45 +57,9 @@ class BabSettings:
     refine: bool = True
     bounds_memory_mb: float = 2048.0
     tighten: bool = True
-    tighten_fraction: float = 0.25
-    tighten_stall: float = 0.005
-
-
-@dataclass
-class Domains:
-    """Open domains, one row per domain: row coefficients A (N, K), constants c (N,), splits (+1,
-    -1 or 0 per ReLU neuron), alpha and beta per ReLU, the last rigorous bound, and (when refined)
-    the domain's own node bounds (name -> (lo, hi), each (N, *shape); empty: the root's)."""
-
-    A: numpy.ndarray
-    c: numpy.ndarray
-    row: numpy.ndarray
-    splits: dict
-    alpha: dict
-    beta: dict
-    bound: numpy.ndarray
-    bounds: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.A.shape[0])
-
-    def take(self, idx) -> Domains:
-        return Domains(self.A[idx], self.c[idx], self.row[idx], {k: v[idx] for k, v in self.splits.items()},
-                       {k: v[idx] for k, v in self.alpha.items()}, {k: v[idx] for k, v in self.beta.items()},
-                       self.bound[idx], {k: (lo[idx], hi[idx]) for k, (lo, hi) in self.bounds.items()})
-
-    @staticmethod
-    def concat(parts: list) -> Domains:
-        parts = [p for p in parts if len(p)]
-        first = parts[0]
-        cat = numpy.concatenate
-        return Domains(cat([p.A for p in parts]), cat([p.c for p in parts]), cat([p.row for p in parts]),
-                       {k: cat([p.splits[k] for p in parts]) for k in first.splits},
-                       {k: cat([p.alpha[k] for p in parts]) for k in first.alpha},
-                       {k: cat([p.beta[k] for p in parts]) for k in first.beta},
-                       cat([p.bound for p in parts]),
-                       {k: (cat([p.bounds[k][0] for p in parts]), cat([p.bounds[k][1] for p in parts]))
-                        for k in first.bounds})
+    tighten_fraction: float = 0.5
+    tighten_first: float = 4.0
+    tighten_stall: float = 0.0
 
 
 @dataclass
@@ -242,8 +208,9 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
         doms.bounds = _root_bounds(chain, len(doms))
     cap = _domain_cap(chain, settings)
     fast = exact_float32(net) if settings.refine and settings.dtype == "float32" else None
+    pool = DomainPool(doms)
     per_parent = 0.0  # seconds the last round took per parent domain: rounds are sized to end in time
-    while len(doms):
+    while len(pool):
         now = time.perf_counter()
         batch = settings.batch
         if per_parent > 0:
@@ -251,12 +218,10 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
         if now > deadline or batch < 1:
             out.status = "timeout"
             return out
-        if len(doms) > cap:
+        if len(pool) > cap:
             out.status = "unknown"
             return out
-        order = numpy.argsort(doms.bound, kind="stable")
-        pick, rest = order[:batch], order[batch:]
-        parents = doms.take(pick)
+        parents = pool.pop_lowest(batch)
         view = chain.with_bounds(parents.bounds)
         which, index = choose_splits(view, parents, settings.candidates)
         if time.perf_counter() > deadline:  # each step of a round can take seconds on a conv net
@@ -277,9 +242,6 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
             keep = numpy.nonzero(which >= 0)[0]
             parents, which, index = parents.take(keep), which[keep], index[keep]
             if not len(parents):
-                if not len(rest):
-                    return out
-                doms = doms.take(rest)
                 continue
         kids, empty = bound_children(net, chain, root, lo, hi, parents, which, index, settings, deadline, fast)
         out.empty += empty
@@ -297,14 +259,13 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
                 if check(x):
                     out.status, out.counterexample = "sat", x
                     return out
-        remaining = doms.take(rest)
-        if not len(open_kids) and not len(remaining):
+        pool.push(open_kids)
+        if not len(pool):
             return out
-        doms = Domains.concat([remaining, open_kids])
-        out.max_open = max(out.max_open, len(doms))
-        out.open, out.lowest = len(doms), float(doms.bound.min())
+        out.max_open = max(out.max_open, len(pool))
+        out.open, out.lowest = len(pool), pool.lowest()
         if progress is not None:
-            progress(out, len(doms))
+            progress(out, len(pool))
     return out
 
 

@@ -15,8 +15,9 @@ import time
 import numpy
 
 from .alpha import Chain, initial_alpha, optimise
-from .bab import BabSettings, Domains, _root_bounds, bound_children, choose_splits
+from .bab import BabSettings, _root_bounds, bound_children, choose_splits
 from .bounds import domain_lower, exact_float32, narrow_node, unstable_rows
+from .domains import DomainPool, Domains
 
 
 def _bab_lower(prefix, root, lo, hi, A, deadline: float, settings: BabSettings, partner=None, trace=None):
@@ -39,51 +40,50 @@ def _bab_lower(prefix, root, lo, hi, A, deadline: float, settings: BabSettings, 
     fast = exact_float32(prefix) if settings.dtype == "float32" else None
     done = doms.bound >= 0
     numpy.minimum.at(closed, doms.row[done], doms.bound[done])
-    doms = doms.take(numpy.nonzero(~done)[0])
+    pool = DomainPool(doms.take(numpy.nonzero(~done)[0]))
     bounded = 0
-    history = [(time.perf_counter(), numpy.minimum(_current(closed, doms), 0.0).sum())]
-    while len(doms) and time.perf_counter() < deadline:
-        order = numpy.lexsort((doms.bound, doms.row))
-        _, first = numpy.unique(doms.row[order], return_index=True)
+    history = [(time.perf_counter(), numpy.minimum(_current(closed, pool), 0.0).sum())]
+    while len(pool) and time.perf_counter() < deadline:
+        idx = pool.index()
+        bound, row = pool.store.bound[idx], pool.store.row[idx]
+        order = numpy.lexsort((bound, row))
+        _, first = numpy.unique(row[order], return_index=True)
         lowest = order[first]  # each open objective's lowest leaf
-        lowest = lowest[numpy.argsort(doms.bound[lowest])][: 2 * settings.batch]
-        rest = numpy.setdiff1d(numpy.arange(len(doms)), lowest)
-        parents = doms.take(lowest)
+        lowest = lowest[numpy.argsort(bound[lowest])][: 2 * settings.batch]
+        parents = pool.pop(idx[lowest])
         which, index = choose_splits(chain.with_bounds(parents.bounds), parents, settings.candidates)
         leaf = which < 0  # every ReLU fixed: its bound is final
         numpy.minimum.at(closed, parents.row[leaf], parents.bound[leaf])
         parents, which, index = parents.take(~leaf), which[~leaf], index[~leaf]
-        kids = None
         if len(parents):
             kids, _ = bound_children(prefix, chain, root, lo, hi, parents, which, index, settings, deadline, fast)
             bounded += len(kids)
             done = kids.bound >= 0
             numpy.minimum.at(closed, kids.row[done], kids.bound[done])
-            kids = kids.take(numpy.nonzero(~done)[0])
-        parts = [p for p in (doms.take(rest), kids) if p is not None and len(p)]
-        doms = Domains.concat(parts) if parts else doms.take(rest)
-        if len(doms):
+            pool.push(kids.take(numpy.nonzero(~done)[0]))
+        if len(pool):
+            idx = pool.index()
             still = numpy.zeros(r, dtype=bool)
-            still[doms.row] = True
+            still[pool.store.row[idx]] = True
             settled = ~still & (closed >= 0) & (partner >= 0)
             if settled.any():  # drop the partners of objectives proven >= 0 (their bound stays sound)
-                drop = numpy.isin(doms.row, partner[settled])
-                numpy.minimum.at(closed, doms.row[drop], doms.bound[drop])
-                doms = doms.take(numpy.nonzero(~drop)[0])
-        now = _current(closed, doms)
+                drop = idx[numpy.isin(pool.store.row[idx], partner[settled])]
+                gone = pool.pop(drop)
+                numpy.minimum.at(closed, gone.row, gone.bound)
+        now = _current(closed, pool)
         history.append((time.perf_counter(), numpy.minimum(now, 0.0).sum()))
         if trace is not None:
-            trace.append((history[-1][0], len(numpy.unique(doms.row)), now))
+            trace.append((history[-1][0], len(numpy.unique(pool.store.row[pool.index()])), now))
         if _stalled(history, settings.tighten_stall):
             break
-    return _current(closed, doms), bounded
+    return _current(closed, pool), bounded
 
 
-def _current(closed, doms):
+def _current(closed, pool):
     """Each objective's bound now: the least over its closed and open leaves."""
     now = closed.copy()
-    if len(doms):
-        numpy.minimum.at(now, doms.row, doms.bound)
+    idx = pool.index()
+    numpy.minimum.at(now, pool.store.row[idx], pool.store.bound[idx])
     return now
 
 
@@ -99,14 +99,21 @@ def _stalled(history, rate: float) -> bool:
     return (g - past) < rate * window * -g0
 
 
+def _unstable_count(root, h) -> int:
+    blo, bhi = root.bounds[h]
+    return int(numpy.count_nonzero((blo < 0) & (bhi > 0)))
+
+
 def bab_intermediate(net, root, lo, hi, deadline: float, settings: BabSettings | None = None,
-                     skip_last: bool = True, trace=None) -> dict:
+                     skip_last: bool = False, trace=None) -> dict:
     """Tighten ``root``'s bounds (in place) of each ReLU input after the first, layer by layer, each
-    unstable neuron's lower and upper bound by ``_bab_lower`` on the prefix up to that layer; the
-    time left before ``deadline`` is shared evenly among the layers still to do. ``skip_last``: leave
-    the last ReLU layer to the main search (its splits are the specification's). Returns, per layer
-    tightened (its ReLU input's name): unstable neurons before, how many became stable, domains
-    bounded, seconds. ``trace``: a list that gets (time, open objectives, bounds) after each round."""
+    unstable neuron's lower and upper bound by ``_bab_lower`` on the prefix up to that layer. The
+    time left before ``deadline`` is shared among the layers still to do in proportion to their
+    unstable neurons (a layer with 5 of them and one with 86 got even shares before: the small one
+    spent its share on neurons that stay unstable). ``skip_last``: leave the last ReLU layer to the
+    main search. Returns, per layer tightened (its ReLU input's name): unstable neurons before, how
+    many became stable, domains bounded, seconds. ``trace``: a list that gets (time, open
+    objectives, bounds) after each round."""
     settings = settings or BabSettings()
     chain = Chain(net, root.bounds, lo, hi, settings.dtype)
     relus = chain.relus[1:-1] if skip_last else chain.relus[1:]
@@ -120,7 +127,8 @@ def bab_intermediate(net, root, lo, hi, deadline: float, settings: BabSettings |
         if not len(idx):
             continue
         k = len(idx)
-        share = start + (deadline - start) / (len(relus) - i)
+        later = sum(_unstable_count(root, chain.relu_input[r]) for r in relus[i + 1:])
+        share = start + (deadline - start) * k / (k + later)
         partner = numpy.concatenate([numpy.arange(k, 2 * k), numpy.arange(k)])
         low, bounded = _bab_lower(net.prefix(h), root, lo, hi, A, share, settings, partner, trace)
         stable = narrow_node(root, h, relu, idx, low)

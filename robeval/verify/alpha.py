@@ -274,6 +274,17 @@ def optimise(chain: Chain, A, c, alpha: dict, beta: dict, splits: dict, iteratio
 __all__ = ["Chain", "ChainBound", "NotAChain", "chain_nodes", "initial_alpha", "optimise"]
 
 
+def optimised_rows(net, root, lo, hi, A, c, iterations: int, lr: float, deadline: float | None = None,
+                   dtype=numpy.float32):
+    """alpha-CROWN on rows (A, c) of ``net`` over ``root``'s bounds: the chain, the slopes optimised
+    per row, and the rigorous engine's lower bounds with them (the verdict; the optimiser only chooses)."""
+    from .bounds import domain_lower
+
+    chain = Chain(net, root.bounds, lo, hi, dtype)
+    alpha, _, _ = optimise(chain, A, c, initial_alpha(chain, len(c), {}), {}, {}, iterations, lr, deadline=deadline)
+    return chain, alpha, domain_lower(net, root, lo, hi, A, c, alpha, relu_inputs=chain.relu_input)
+
+
 def tighten_intermediate(net, root, lo, hi, iterations: int = 20, deadline: float | None = None,
                          lr: float = 0.1) -> int:
     """alpha-CROWN intermediate bounds: for each ReLU input after the first, the bounds of its
@@ -282,7 +293,7 @@ def tighten_intermediate(net, root, lo, hi, iterations: int = 20, deadline: floa
     layers use the tighter ones). Returns how many neurons became stable."""
     import time
 
-    from .bounds import domain_lower, narrow_node, unstable_rows
+    from .bounds import narrow_node, unstable_rows
 
     chain = Chain(net, root.bounds, lo, hi)
     stabilised = 0
@@ -293,11 +304,6 @@ def tighten_intermediate(net, root, lo, hi, iterations: int = 20, deadline: floa
         idx, A = unstable_rows(root, h)
         if not len(idx):
             continue
-        prefix = net.prefix(h)
-        sub = Chain(prefix, root.bounds, lo, hi)
-        zeros = numpy.zeros(len(A))
-        alpha, _, _ = optimise(sub, A, zeros, initial_alpha(sub, len(A), {}), {}, {}, iterations, lr,
-                               deadline=deadline)
-        low = domain_lower(prefix, root, lo, hi, A, zeros, alpha, relu_inputs=sub.relu_input)
+        _, _, low = optimised_rows(net.prefix(h), root, lo, hi, A, numpy.zeros(len(A)), iterations, lr, deadline)
         stabilised += narrow_node(root, h, relu, idx, low)
     return stabilised

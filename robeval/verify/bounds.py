@@ -161,14 +161,18 @@ def refine_bounds(net, root, lo, hi, splits, relu_inputs, bounds=None, after=Non
     return out, empty
 
 
+def unstable_index(root, h):
+    """Flat indices of node ``h``'s unstable neurons in ``root`` (lower bound < 0 < upper bound)."""
+    blo, bhi = root.bounds[h]
+    return numpy.nonzero((blo.reshape(-1) < 0) & (bhi.reshape(-1) > 0))[0]
+
+
 def unstable_rows(root, h):
     """The unstable neurons of node ``h`` in ``root`` (flat indices, k) and the rows (2k, size)
     whose lower bounds are their lower bounds (+e_j) and minus their upper bounds (-e_j)."""
-    blo, bhi = root.bounds[h]
-    flat_lo, flat_hi = blo.reshape(-1), bhi.reshape(-1)
-    idx = numpy.nonzero((flat_lo < 0) & (flat_hi > 0))[0]
+    idx = unstable_index(root, h)
     k = len(idx)
-    A = numpy.zeros((2 * k, flat_lo.size))
+    A = numpy.zeros((2 * k, root.bounds[h][0].size))
     A[numpy.arange(k), idx] = 1.0
     A[k + numpy.arange(k), idx] = -1.0
     return idx, A
@@ -192,4 +196,4 @@ def narrow_node(root, h, relu, idx, low) -> int:
 
 
 __all__ = ["as_verification_network", "box_bounds", "domain_lower", "exact_float32", "narrow_node", "refine_bounds",
-           "spec_lower", "spec_lower_bounds", "unstable_rows"]
+           "spec_lower", "spec_lower_bounds", "unstable_index", "unstable_rows"]

@@ -13,9 +13,9 @@ import time
 
 import numpy
 
-from .alpha import Chain, NotAChain, initial_alpha, optimise, tighten_intermediate
+from .alpha import Chain, NotAChain, optimised_rows, tighten_intermediate
 from .bab import BabSettings, Domains, run_bab
-from .bounds import as_verification_network, box_bounds, domain_lower, spec_lower
+from .bounds import as_verification_network, box_bounds, spec_lower
 from .tighten import bab_intermediate
 
 
@@ -66,14 +66,6 @@ def crown_case(net, case) -> tuple[str, dict]:
                     "crown_proven_rows": int(stage.proven_rows.sum()), "time": time.perf_counter() - start}
 
 
-def _alpha_rows(net, root, lo, hi, A, c, settings: BabSettings, deadline: float):
-    """alpha-CROWN on rows (A, c) over ``root``'s bounds: the chain, the slopes and rigorous bounds."""
-    chain = Chain(net, root.bounds, lo, hi, settings.dtype)
-    alpha = initial_alpha(chain, len(c), {})
-    alpha, _, _ = optimise(chain, A, c, alpha, {}, {}, settings.root_iterations, settings.lr_alpha, deadline=deadline)
-    return chain, alpha, domain_lower(net, root, lo, hi, A, c, alpha, relu_inputs=chain.relu_input)
-
-
 def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabSettings | None = None,
                progress=None) -> tuple[str, dict]:
     """('unsat' | 'sat' | 'unknown' | 'timeout', details) for one case (``deadline``: a
@@ -112,7 +104,8 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
         details["stabilised"] = details.get("stabilised", 0) + tighten_intermediate(
             net, root, lo, hi, settings.intermediate_iterations, deadline, settings.lr_alpha)
         rows = numpy.nonzero(numpy.isin(owner, todo) & ~proven_rows)[0]
-        chain, alpha, lower = _alpha_rows(net, root, lo, hi, A[rows], c[rows], settings, deadline)
+        chain, alpha, lower = optimised_rows(net, root, lo, hi, A[rows], c[rows], settings.root_iterations,
+                                             settings.lr_alpha, deadline, settings.dtype)
         proven_rows[rows] = _proven(lower, strict[rows])
         details[key] = int(proven_rows.sum())
         return rows, chain, alpha, lower

@@ -14,9 +14,9 @@ import time
 
 import numpy
 
-from .alpha import Chain, initial_alpha, optimise
+from .alpha import Chain, optimised_rows
 from .bab import BabSettings, _root_bounds, bound_children, choose_splits
-from .bounds import domain_lower, exact_float32, narrow_node, unstable_rows
+from .bounds import exact_float32, narrow_node, unstable_index, unstable_rows
 from .domains import DomainPool, Domains
 
 
@@ -28,10 +28,8 @@ def _bab_lower(prefix, root, lo, hi, A, deadline: float, settings: BabSettings, 
     r = A.shape[0]
     partner = numpy.full(r, -1) if partner is None else numpy.asarray(partner)
     c = numpy.zeros(r)
-    chain = Chain(prefix, root.bounds, lo, hi, settings.dtype)
-    alpha = initial_alpha(chain, r, {})
-    alpha, _, _ = optimise(chain, A, c, alpha, {}, {}, settings.iterations, settings.lr_alpha, deadline=deadline)
-    bound = domain_lower(prefix, root, lo, hi, A, c, alpha, relu_inputs=chain.relu_input)
+    chain, alpha, bound = optimised_rows(prefix, root, lo, hi, A, c, settings.iterations, settings.lr_alpha, deadline,
+                                         settings.dtype)
     zeros = {relu: numpy.zeros((r,) + root.bounds[chain.relu_input[relu]][0].shape[1:]) for relu in chain.relus}
     doms = Domains(A, c, numpy.arange(r), zeros, alpha, {k: v.copy() for k, v in zeros.items()}, bound,
                    _root_bounds(chain, r))
@@ -99,11 +97,6 @@ def _stalled(history, rate: float) -> bool:
     return (g - past) < rate * window * -g0
 
 
-def _unstable_count(root, h) -> int:
-    blo, bhi = root.bounds[h]
-    return int(numpy.count_nonzero((blo < 0) & (bhi > 0)))
-
-
 def bab_intermediate(net, root, lo, hi, deadline: float, settings: BabSettings | None = None,
                      skip_last: bool = False, trace=None) -> dict:
     """Tighten ``root``'s bounds (in place) of each ReLU input after the first, layer by layer, each
@@ -127,7 +120,7 @@ def bab_intermediate(net, root, lo, hi, deadline: float, settings: BabSettings |
         if not len(idx):
             continue
         k = len(idx)
-        later = sum(_unstable_count(root, chain.relu_input[r]) for r in relus[i + 1:])
+        later = sum(len(unstable_index(root, chain.relu_input[r])) for r in relus[i + 1:])
         share = start + (deadline - start) * k / (k + later)
         partner = numpy.concatenate([numpy.arange(k, 2 * k), numpy.arange(k)])
         low, bounded = _bab_lower(net.prefix(h), root, lo, hi, A, share, settings, partner, trace)

@@ -52,3 +52,44 @@ def test_pool_pops_lowest_and_reuses_rows():
     _consistent(rest)
     assert sorted(rest.c) == sorted(reference)
     assert len(pool) == 0 and pool.lowest() == numpy.inf
+
+
+def test_a_round_bounded_in_threads_matches_one_thread():
+    """Splitting and bounding a round's domains in parts on several threads gives every child the
+    split and the bound one thread gives it (each domain is its own computation)."""
+    import math
+
+    from test_verify_bounds import _box
+
+    from robeval.verify.alpha import optimised_rows
+    from robeval.verify.bab import BabSettings, _root_bounds, bound_children, split_choices
+    from robeval.verify.bounds import as_verification_network, box_bounds
+
+    from nets import random_mlp
+
+    rng = numpy.random.default_rng(7)
+    net = as_verification_network(random_mlp(rng, (4, 16, 16, 3)))
+    lo, hi = _box(rng, net, 0.5)
+    root = box_bounds(net, lo, hi)
+    n = 64
+    A, c = rng.normal(size=(n, 3)), numpy.zeros(n)
+    chain, alpha, bound = optimised_rows(net, root, lo, hi, A, c, 5, 0.1, dtype="float64")
+    zeros = {r: numpy.zeros((n,) + root.bounds[chain.relu_input[r]][0].shape[1:]) for r in chain.relus}
+    doms = Domains(A, c, numpy.arange(n), {k: v.copy() for k, v in zeros.items()}, alpha,
+                   {k: v.copy() for k, v in zeros.items()}, bound, _root_bounds(chain, n))
+    results = []
+    for workers in (1, 3):
+        settings = BabSettings(dtype="float64", workers=workers)
+        which, index = split_choices(chain, doms, settings)
+        kids, empty = bound_children(net, chain, root, lo, hi, doms, which, index, settings, math.inf)
+        sign = sum(v.reshape(len(kids), -1).sum(axis=1) for v in kids.splits.values())
+        order = numpy.argsort(2 * kids.row + (sign < 0))
+        results.append((which, index, empty, kids.take(order)))
+    (w1, i1, e1, k1), (w3, i3, e3, k3) = results
+    assert (w1 == w3).all() and (i1 == i3).all() and (w1 >= 0).any() and e1 == e3
+    assert len(k1) == len(k3) == 2 * n - e1
+    assert (k1.row == k3.row).all()
+    for r in chain.relus:
+        assert (k1.splits[r] == k3.splits[r]).all()
+    numpy.testing.assert_allclose(k1.bound, k3.bound, rtol=1e-9, atol=1e-9)
+    assert (k1.bound >= doms.bound[k1.row] - 1e-12).all()  # a child's bound is never below its parent's

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy
 
-from ..certifiers.crown import bound_targets
+from ..certifiers.crown import bound_targets, serial_blas, thread_count
 from ..ir.registry import get_op
 from .alpha import Chain, optimise
 from .bounds import domain_lower, exact_float32, refine_bounds
@@ -43,9 +44,11 @@ class BabSettings:
     (``robeval.verify.tighten``), in rounds of ``tighten_first`` seconds, then twice as long each
     time, until the property is proven or ``tighten_fraction`` of the time left is spent;
     tighten_stall > 0 ends a layer early once its bounds improve by less than that fraction of their
-    first shortfall per second (0: off; bounds that creep up still stabilise neurons late)."""
+    first shortfall per second (0: off; bounds that creep up still stabilise neurons late); workers:
+    threads that split and bound parts of a round's domains at once (0: one per core, as
+    ``robeval.certifiers.crown.thread_count``; NumPy releases the GIL in the large products)."""
 
-    batch: int = 128
+    batch: int = 256
     iterations: int = 15
     root_iterations: int = 60
     intermediate_iterations: int = 30
@@ -60,6 +63,7 @@ class BabSettings:
     tighten_fraction: float = 0.5
     tighten_first: float = 4.0
     tighten_stall: float = 0.0
+    workers: int = 0
 
 
 @dataclass
@@ -90,6 +94,31 @@ def branch_scores(chain: Chain, lam: dict, splits: dict) -> dict:
         height = numpy.where(unstable, -lo * hi / numpy.where(unstable, hi - lo, 1.0), 0.0)
         scores[relu] = numpy.where(unstable, numpy.abs(lam[relu]) * height, -1.0)
     return scores
+
+
+MIN_PART = 16  # the fewest domains worth a thread of their own
+
+
+def in_parts(workers: int, n: int, fn) -> list:
+    """``fn(part)`` for contiguous slices ``part`` of range(n), up to ``workers`` of them at once in
+    threads (one slice, in this thread, when n is small); the results in slice order."""
+    workers = thread_count(numpy) if workers <= 0 else workers
+    k = max(1, min(workers, n // MIN_PART))
+    if k == 1:
+        return [fn(slice(0, n))]
+    cuts = numpy.linspace(0, n, k + 1).astype(int)
+    with serial_blas(numpy), ThreadPoolExecutor(k) as pool:
+        return list(pool.map(fn, [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]))
+
+
+def split_choices(chain: Chain, doms: Domains, settings: BabSettings):
+    """``choose_splits`` on each domain over its own bounds, in parts (``in_parts``)."""
+    def part(s):
+        sub = doms.take(s)
+        return choose_splits(chain.with_bounds(sub.bounds), sub, settings.candidates)
+
+    parts = in_parts(settings.workers, len(doms), part)
+    return numpy.concatenate([p[0] for p in parts]), numpy.concatenate([p[1] for p in parts])
 
 
 def choose_splits(chain: Chain, doms: Domains, candidates: int = 3):
@@ -174,6 +203,17 @@ def refine_children(net, chain: Chain, root, lo, hi, kids: Domains, which, fast=
 
 def bound_children(net, chain: Chain, root, lo, hi, parents: Domains, which, index, settings: BabSettings,
                    deadline: float, fast=None):
+    """``bound_one_part`` over parts of the parents at once (``in_parts``): (children, empty)."""
+    def part(s):
+        return bound_one_part(net, chain, root, lo, hi, parents.take(s), which[s], index[s], settings, deadline, fast)
+
+    parts = in_parts(settings.workers, len(parents), part)
+    kids = [k for k, _ in parts if len(k)]
+    return (Domains.concat(kids) if len(kids) > 1 else kids[0] if kids else parts[0][0]), sum(e for _, e in parts)
+
+
+def bound_one_part(net, chain: Chain, root, lo, hi, parents: Domains, which, index, settings: BabSettings,
+                   deadline: float, fast=None):
     """The two children of each parent split at (which, index), bounded: (children not proven
     empty, how many were). Their node bounds are refined under the splits (``settings.refine``),
     alpha and beta optimised from the parent's, and each bound is the larger of the rigorous one and
@@ -222,8 +262,7 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
             out.status = "unknown"
             return out
         parents = pool.pop_lowest(batch)
-        view = chain.with_bounds(parents.bounds)
-        which, index = choose_splits(view, parents, settings.candidates)
+        which, index = split_choices(chain, parents, settings)
         if time.perf_counter() > deadline:  # each step of a round can take seconds on a conv net
             out.status = "timeout"
             return out

@@ -15,7 +15,7 @@ import time
 import numpy
 
 from .alpha import Chain, optimised_rows
-from .bab import BabSettings, _root_bounds, bound_children, choose_splits
+from .bab import BabSettings, _root_bounds, bound_children, split_choices
 from .bounds import exact_float32, narrow_node, unstable_index, unstable_rows
 from .domains import DomainPool, Domains
 
@@ -49,7 +49,7 @@ def _bab_lower(prefix, root, lo, hi, A, deadline: float, settings: BabSettings, 
         lowest = order[first]  # each open objective's lowest leaf
         lowest = lowest[numpy.argsort(bound[lowest])][: 2 * settings.batch]
         parents = pool.pop(idx[lowest])
-        which, index = choose_splits(chain.with_bounds(parents.bounds), parents, settings.candidates)
+        which, index = split_choices(chain, parents, settings)
         leaf = which < 0  # every ReLU fixed: its bound is final
         numpy.minimum.at(closed, parents.row[leaf], parents.bound[leaf])
         parents, which, index = parents.take(~leaf), which[~leaf], index[~leaf]

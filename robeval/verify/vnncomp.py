@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -202,6 +203,8 @@ def _instance_task(shared: dict, shard: Any, i: int):
         from threadpoolctl import threadpool_limits
 
         limits = threadpool_limits(limits=shared["blas_threads"], user_api="blas")
+        # and one search thread (BabSettings.workers): N workers on N cores, not N x cores threads
+        os.environ.setdefault("ROBEVAL_THREADS", "1")
     t0 = time.perf_counter()
     note, result, prepare, run, cex = "", "error", 0.0, 0.0, None
     with limits:

@@ -208,8 +208,7 @@ def bound_children(net, chain: Chain, root, lo, hi, parents: Domains, which, ind
         return bound_one_part(net, chain, root, lo, hi, parents.take(s), which[s], index[s], settings, deadline, fast)
 
     parts = in_parts(settings.workers, len(parents), part)
-    kids = [k for k, _ in parts if len(k)]
-    return (Domains.concat(kids) if len(kids) > 1 else kids[0] if kids else parts[0][0]), sum(e for _, e in parts)
+    return Domains.concat([k for k, _ in parts]), sum(e for _, e in parts)
 
 
 def bound_one_part(net, chain: Chain, root, lo, hi, parents: Domains, which, index, settings: BabSettings,

@@ -37,7 +37,10 @@ class Domains:
 
     @staticmethod
     def concat(parts: list) -> Domains:
-        parts = [p for p in parts if len(p)]
+        """The domains of ``parts`` in order (a single part, or all but one empty: that part itself)."""
+        parts = [p for p in parts if len(p)] or parts[:1]
+        if len(parts) == 1:
+            return parts[0]
         first = parts[0]
         cat = numpy.concatenate
         return Domains(cat([p.A for p in parts]), cat([p.c for p in parts]), cat([p.row for p in parts]),

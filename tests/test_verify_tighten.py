@@ -9,10 +9,10 @@ import numpy
 import pytest
 from test_verify_bounds import _box, _milp_minimum, _samples, _verdicts_against_milp
 
-from robeval.verify.alpha import Chain, tighten_intermediate
+from robeval.verify.alpha import Chain, optimised_rows, tighten_intermediate
 from robeval.verify.bab import BabSettings
-from robeval.verify.bounds import as_verification_network, box_bounds
-from robeval.verify.tighten import _stalled, bab_intermediate
+from robeval.verify.bounds import as_verification_network, box_bounds, narrow_node, unstable_rows
+from robeval.verify.tighten import IDLE_WEIGHT, PrefixSearch, _layer_weight, _lowest_leaves, _stalled, bab_intermediate
 
 from nets import random_mlp
 
@@ -79,6 +79,77 @@ def test_verdicts_with_tightened_bounds_against_exact_milp_minima():
                                                              "float32", BabSettings(batch=16, max_domains=4000))
     tightened = sum("tightened" in d for d in details)
     assert seen_safe >= 5 and seen_unsafe >= 5 and tightened >= 3
+
+
+def test_a_resumed_search_continues_its_tree_soundly():
+    """Run in several parts, a prefix search keeps its leaves: its bounds only rise from part to part,
+    stay at or below the exact (MILP) values, and the leaves get deeper (the tree goes on, it does not
+    start again); objectives marked finished by ``refresh`` lose their leaves."""
+    rng = numpy.random.default_rng(7)
+    net = as_verification_network(random_mlp(rng, (3, 10, 10, 10, 2)))
+    lo, hi = _box(rng, net, 0.6)
+    root = box_bounds(net, lo, hi)
+    h = [n.inputs[0] for n in net.nodes if n.op == "relu"][2]
+    idx, A = unstable_rows(root, h)
+    k = len(idx)
+    assert k >= 3
+    settings = BabSettings(dtype="float64", batch=4)
+    partner = numpy.concatenate([numpy.arange(k, 2 * k), numpy.arange(k)])
+    search = PrefixSearch(net.prefix(h), root, lo, hi, A, numpy.inf, settings, partner)
+    previous, counts, depth = search.lower(), [], []
+    for _ in range(3):
+        search.refresh()
+        counts.append(search.run(time.perf_counter() + 0.3))
+        now = search.lower()
+        assert (now >= previous - 1e-12).all()
+        previous = now
+        store, live = search.pool.store, search.pool.index()
+        splits = numpy.concatenate([numpy.abs(v[live]).reshape(len(live), -1) for v in store.splits.values()], axis=1)
+        depth.append(int(splits.sum(axis=1).max()) if len(live) else 0)
+    assert min(counts) > 0 and search.bounded == sum(counts)
+    assert depth[-1] > depth[0] or not len(search.pool), depth
+    exact = numpy.array([_milp_minimum(net.prefix(h), lo, hi, a) for a in A])
+    assert (previous <= exact + 1e-7).all()
+    # an earlier layer tightened to its exact bounds: the objectives that a fresh start now bounds
+    # better start again, so the bounds reach at least the fresh alpha-CROWN ones, and stay sound
+    h1 = [n.inputs[0] for n in net.nodes if n.op == "relu"][1]
+    relu1 = [n.name for n in net.nodes if n.op == "relu"][1]
+    idx1, A1 = unstable_rows(root, h1)
+    narrow_node(root, h1, relu1, idx1, numpy.array([_milp_minimum(net.prefix(h1), lo, hi, a) for a in A1]) - 1e-6)
+    _, _, fresh = optimised_rows(net.prefix(h), root, lo, hi, A, numpy.zeros(2 * k), settings.iterations,
+                                 settings.lr_alpha, dtype="float64")
+    search.refresh()
+    assert (search.lower() >= numpy.maximum(previous, fresh) - 1e-9).all()
+    assert (search.lower() <= exact + 1e-7).all()
+    assert (fresh > previous + 1e-6).any()  # the earlier layer's exact bounds did matter here
+    previous = search.lower()
+    finished = numpy.zeros(2 * k, dtype=bool)
+    finished[[0, k]] = True
+    search.refresh(finished)
+    assert not numpy.isin(search.pool.store.row[search.pool.index()], [0, k]).any()
+    assert (search.lower() == previous).all()  # closing keeps the leaves' bounds (sound, never raised)
+
+
+def test_a_round_splits_the_lowest_leaves_of_every_objective():
+    """With fewer objectives than the batch, each gives its m lowest leaves (m = cap // objectives);
+    with more, each its lowest one, the lowest first."""
+    row = numpy.array([0, 0, 0, 1, 1, 2, 0, 1])
+    bound = numpy.array([-1.0, -3.0, -2.0, -5.0, -0.5, -0.1, -4.0, -0.2])
+    assert list(_lowest_leaves(row, bound, 6)) == [3, 6, 1, 4, 5]  # m = 2: two of 0 and 1, the one of 2
+    assert list(_lowest_leaves(row, bound, 2)) == [3, 6]  # m = 1: each lowest, then the cap
+    assert list(_lowest_leaves(row, bound, 100)) == list(numpy.argsort(bound))  # m = 33: all of them
+
+
+def test_a_layer_that_stabilised_nothing_gets_a_smaller_share():
+    """A layer's weight is its unstable neurons, cut to IDLE_WEIGHT of that once its last run
+    stabilised none; a layer not searched yet, or one that stabilised some, keeps the full weight."""
+    class Ran:
+        def __init__(self, stabilised):
+            self.stabilised = stabilised
+
+    assert _layer_weight(None, 80) == 80
+    assert _layer_weight(Ran(3), 80) == 80
+    assert _layer_weight(Ran(0), 80) == IDLE_WEIGHT * 80 < 80
 
 
 def test_stall_rule():

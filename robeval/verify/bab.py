@@ -42,7 +42,9 @@ class BabSettings:
     may take (it lowers max_domains when they are large); tighten: before the search, tighten the
     root's bounds of the hidden layers after the first by branch and bound on the network's prefix
     (``robeval.verify.tighten``), in rounds of ``tighten_first`` seconds, then twice as long each
-    time, until the property is proven or ``tighten_fraction`` of the time left is spent;
+    time (each round resumes the previous one's searches), until the property is proven, a round
+    raises the property's worst bound by less than ``tighten_gain`` of its shortfall, or
+    ``tighten_fraction`` of the time left is spent;
     tighten_stall > 0 ends a layer early once its bounds improve by less than that fraction of their
     first shortfall per second (0: off; bounds that creep up still stabilise neurons late); workers:
     threads that split and bound parts of a round's domains at once (0: one per core, as
@@ -63,6 +65,7 @@ class BabSettings:
     tighten_fraction: float = 0.5
     tighten_first: float = 4.0
     tighten_stall: float = 0.0
+    tighten_gain: float = 0.01
     workers: int = 0
 
 

@@ -30,6 +30,11 @@ def _rows(case):
     return numpy.concatenate(A), numpy.concatenate(c), numpy.concatenate(strict), numpy.concatenate(owner)
 
 
+def _worst_margin(lower, owner, todo) -> float:
+    """The least, over the disjuncts ``todo``, of the best row bound: > 0 once every one is proven."""
+    return float(min(lower[owner == d].max() for d in todo))
+
+
 def _proven(lower, strict):
     return (lower > 0) | (strict & (lower >= 0))
 
@@ -117,18 +122,22 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     if settings.tighten and len(chain.relus) > 2:
         # hidden-layer bounds by branch and bound on the prefixes, then alpha-CROWN again on them (the
         # layers after those tightened were bounded over the old bounds), in rounds of doubling length
-        # until the property is proven or tighten_fraction of the time is spent: easy cases end early
+        # (each resumes the searches of the one before) until the property is proven, a round gains
+        # too little, or tighten_fraction of the time is spent: easy cases end early
         end = time.perf_counter() + settings.tighten_fraction * (deadline - time.perf_counter())
-        span, details["tightened"] = settings.tighten_first, []
+        span, details["tightened"], searches = settings.tighten_first, [], {}
         while time.perf_counter() < end - 0.1 * span:
-            report = bab_intermediate(net, root, lo, hi, min(end, time.perf_counter() + span), settings)
+            report = bab_intermediate(net, root, lo, hi, min(end, time.perf_counter() + span), settings,
+                                      searches=searches)
             details["tightened"].append(report)
             rows, chain, alpha, lower_a = alpha_stage("tightened_proven_rows")
+            details.setdefault("tightened_margin", []).append(_worst_margin(lower_a, owner[rows], todo))
             todo = open_disjuncts()
             if not len(todo):
                 return "unsat", {**details, "stage": "tightened", "time": time.perf_counter() - start}
-            if not any(layer["stabilised"] for layer in report.values()):
-                break  # a round that stabilised nothing: the search gets the rest
+            margins = details["tightened_margin"]
+            if len(margins) > 1 and margins[-1] - margins[-2] <= settings.tighten_gain * -margins[-2]:
+                break  # the property's bound gained too little in this round: the search gets the rest
             span *= 2
     # BaB on one row per open disjunct: the row whose alpha bound is the largest
     picks, keep = [], numpy.nonzero(numpy.isin(rows, numpy.nonzero(numpy.isin(owner, todo))[0]))[0]

@@ -28,10 +28,12 @@ class PrefixSearch:
     objective whose search stops once objective r is >= 0 on the whole box (a neuron's upper bound
     does not matter once it is proven active)."""
 
-    def __init__(self, prefix, root, lo, hi, A, deadline: float, settings: BabSettings, partner=None):
+    def __init__(self, prefix, root, lo, hi, A, deadline: float, settings: BabSettings, partner=None,
+                 neurons=None):
         r = A.shape[0]
         self.prefix, self.root, self.lo, self.hi, self.settings, self.A = prefix, root, lo, hi, settings, A
         self.partner = numpy.full(r, -1) if partner is None else numpy.asarray(partner)
+        self.idx = neurons  # the prefix output's neurons the rows bound, when the caller says
         doms = self._roots(numpy.arange(r), deadline)
         self.closed = numpy.full(r, numpy.inf)  # least bound of each objective's leaves no longer split
         self.fast = exact_float32(prefix) if settings.dtype == "float32" else None
@@ -204,8 +206,7 @@ def bab_intermediate(net, root, lo, hi, deadline: float, settings: BabSettings |
         if search is None:
             idx, A = unstable_rows(root, h)
             partner = numpy.concatenate([numpy.arange(k, 2 * k), numpy.arange(k)])
-            search = searches[h] = PrefixSearch(net.prefix(h), root, lo, hi, A, share, settings, partner)
-            search.idx = idx
+            search = searches[h] = PrefixSearch(net.prefix(h), root, lo, hi, A, share, settings, partner, idx)
         else:
             blo, bhi = (b.reshape(-1)[search.idx] for b in root.bounds[h])
             stable = (blo >= 0) | (bhi <= 0)

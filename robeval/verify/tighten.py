@@ -14,6 +14,7 @@ import time
 
 import numpy
 
+from ..certifiers.crown import bound_targets
 from .alpha import Chain, optimised_rows
 from .bab import BabSettings, _root_bounds, bound_children, split_choices
 from .bounds import exact_float32, narrow_node, unstable_index, unstable_rows
@@ -34,12 +35,9 @@ class PrefixSearch:
         self.prefix, self.root, self.lo, self.hi, self.settings, self.A = prefix, root, lo, hi, settings, A
         self.partner = numpy.full(r, -1) if partner is None else numpy.asarray(partner)
         self.idx = neurons  # the prefix output's neurons the rows bound, when the caller says
-        doms = self._roots(numpy.arange(r), deadline)
         self.closed = numpy.full(r, numpy.inf)  # least bound of each objective's leaves no longer split
         self.fast = exact_float32(prefix) if settings.dtype == "float32" else None
-        done = doms.bound >= 0
-        numpy.minimum.at(self.closed, doms.row[done], doms.bound[done])
-        self.pool = DomainPool(doms.take(numpy.nonzero(~done)[0]))
+        self.pool = DomainPool(self._still_open(self._roots(numpy.arange(r), deadline)))
         self.bounded = 0
         self.stabilised = None  # neurons the caller found stabilised by the last run
 
@@ -47,9 +45,20 @@ class PrefixSearch:
         """Each objective's bound now: the least over its closed and open leaves."""
         return _current(self.closed, self.pool)
 
+    def _still_open(self, doms: Domains) -> Domains:
+        """``doms`` less those proven >= 0, whose bounds go into their objectives' closed bounds."""
+        done = doms.bound >= 0
+        numpy.minimum.at(self.closed, doms.row[done], doms.bound[done])
+        return doms.take(numpy.nonzero(~done)[0])
+
+    def _prefix_bounds(self) -> dict:
+        """The root's bounds of the nodes the prefix's nonlinear ops read, as they are now."""
+        return {name: self.root.bounds[name] for name in bound_targets(self.prefix)}
+
     def _roots(self, rows, deadline: float) -> Domains:
         """One domain per objective in ``rows``: the whole box, alpha-CROWN over the root's bounds now."""
         settings, n = self.settings, len(rows)
+        self._seen = self._prefix_bounds()
         c = numpy.zeros(n)
         self.chain, alpha, bound = optimised_rows(self.prefix, self.root, self.lo, self.hi, self.A[rows], c,
                                                   settings.iterations, settings.lr_alpha, deadline, settings.dtype)
@@ -77,17 +86,15 @@ class PrefixSearch:
             numpy.minimum.at(self.closed, gone.row, gone.bound)
             idx = self.pool.index()
         rows = numpy.unique(self.pool.store.row[idx])  # the objectives still open
-        if not len(rows):
+        unchanged = all(now is self._seen[name] for name, now in self._prefix_bounds().items())
+        if not len(rows) or unchanged:  # the same root bounds give the same fresh start: no better
             return
         fresh = self._roots(rows, deadline)
         again = fresh.bound > self.lower()[rows]
         if again.any():
             self.pool.pop(idx[numpy.isin(self.pool.store.row[idx], rows[again])])  # superseded by the new roots
             self.closed[rows[again]] = numpy.inf
-            starts = fresh.take(numpy.nonzero(again)[0])
-            done = starts.bound >= 0
-            numpy.minimum.at(self.closed, starts.row[done], starts.bound[done])
-            self.pool.push(starts.take(numpy.nonzero(~done)[0]))
+            self.pool.push(self._still_open(fresh.take(numpy.nonzero(again)[0])))
 
     def run(self, deadline: float, trace=None) -> int:
         """Split the open objectives' lowest leaves until every objective's leaves are all >= 0,
@@ -109,9 +116,7 @@ class PrefixSearch:
                 kids, _ = bound_children(self.prefix, chain, self.root, self.lo, self.hi, parents, which, index,
                                          settings, deadline, self.fast)
                 bounded += len(kids)
-                done = kids.bound >= 0
-                numpy.minimum.at(closed, kids.row[done], kids.bound[done])
-                pool.push(kids.take(numpy.nonzero(~done)[0]))
+                pool.push(self._still_open(kids))
             if len(pool):
                 idx = pool.index()
                 still = numpy.zeros(r, dtype=bool)

@@ -160,3 +160,29 @@ def test_stall_rule():
     assert _stalled(flat, 0.005)
     assert not _stalled(flat[:5], 0.005)  # too early to tell
     assert not _stalled(flat, 0.0)  # rate 0 (the default): a layer runs to its share of the time
+
+
+def test_narrow_node_keeps_unchanged_bounds_and_narrows_the_rest():
+    """Bounds no looser than the given ones leave the arrays as they are (PrefixSearch.refresh tells
+    unchanged prefix bounds by identity); tighter ones replace them, with the ReLU's output bounds."""
+    rng = numpy.random.default_rng(3)
+    net = as_verification_network(random_mlp(rng, [6, 12, 12, 3]))
+    lo, hi = _box(rng, net, 0.5)
+    root = box_bounds(net, lo, hi)
+    relu = [n.name for n in net.nodes if n.op == "relu"][1]
+    h = [n.inputs[0] for n in net.nodes if n.op == "relu"][1]
+    idx, _ = unstable_rows(root, h)
+    k = len(idx)
+    assert k > 1
+    blo, bhi = root.bounds[h]
+    loose = numpy.concatenate([blo.reshape(-1)[idx] - 1.0, -bhi.reshape(-1)[idx] - 1.0])
+    assert narrow_node(root, h, relu, idx, loose) == 0
+    assert root.bounds[h][0] is blo and root.bounds[h][1] is bhi
+    tight = loose.copy()
+    tight[0] = 0.0  # the first unstable neuron proven active, the second's upper bound halved
+    tight[k + 1] = -0.5 * bhi.reshape(-1)[idx[1]]
+    assert narrow_node(root, h, relu, idx, tight) == 1
+    new_lo, new_hi = (a.reshape(-1) for a in root.bounds[h])
+    assert new_lo[idx[0]] == 0.0 and new_hi[idx[1]] == 0.5 * bhi.reshape(-1)[idx[1]]
+    assert numpy.array_equal(numpy.delete(new_lo, idx[0]), numpy.delete(blo.reshape(-1), idx[0]))
+    assert root.bounds[relu][1].reshape(-1)[idx[1]] == 0.5 * bhi.reshape(-1)[idx[1]]

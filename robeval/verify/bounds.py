@@ -181,18 +181,22 @@ def unstable_rows(root, h):
 def narrow_node(root, h, relu, idx, low) -> int:
     """Intersect ``root``'s bounds of the ReLU input ``h`` at ``idx`` with the lower bounds ``low``
     of ``unstable_rows``' rows, and the ReLU's output bounds with the result; returns how many of
-    those neurons are now stable."""
+    those neurons are now stable. Where nothing narrows, the bound arrays stay the same objects (a
+    caller may tell unchanged bounds by identity: ``tighten.PrefixSearch.refresh``)."""
     k = len(idx)
     blo, bhi = root.bounds[h]
     new_lo, new_hi = blo.reshape(-1).copy(), bhi.reshape(-1).copy()
     new_lo[idx] = numpy.maximum(new_lo[idx], low[:k])
     new_hi[idx] = numpy.minimum(new_hi[idx], -low[k:])
+    stable = int(((new_lo[idx] >= 0) | (new_hi[idx] <= 0)).sum())
+    if numpy.array_equal(new_lo, blo.reshape(-1)) and numpy.array_equal(new_hi, bhi.reshape(-1)):
+        return stable
     root.bounds[h] = (new_lo.reshape(blo.shape), new_hi.reshape(bhi.shape))
     rlo, rhi = root.bounds[relu]
     root.bounds[relu] = (numpy.maximum(rlo, numpy.maximum(root.bounds[h][0], 0.0)),
                          numpy.minimum(rhi, numpy.maximum(root.bounds[h][1], 0.0)))
     root._m.clear()
-    return int(((new_lo[idx] >= 0) | (new_hi[idx] <= 0)).sum())
+    return stable
 
 
 __all__ = ["as_verification_network", "box_bounds", "domain_lower", "exact_float32", "narrow_node", "refine_bounds",

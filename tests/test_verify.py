@@ -116,11 +116,14 @@ class FakeProver:
     """A prove_case double: the status per case index, optionally calling check(x) first."""
 
     def __init__(self, statuses, points=None):
-        self.statuses, self.points, self.calls = statuses, points or {}, []
+        self.statuses, self.points, self.calls, self.progress = statuses, points or {}, [], []
 
-    def __call__(self, net, case, deadline, check=None):
+    def __call__(self, net, case, deadline, check=None, progress=None):
         i = len(self.calls)
         self.calls.append(deadline)
+        self.progress.append(progress)
+        if progress is not None:
+            progress(f"fake stage of case {i}")
         detail = {"stage": "fake"}
         if i in self.points:
             detail["x"] = self.points[i]
@@ -156,6 +159,20 @@ def test_the_property_holds_only_when_every_case_is_unsat(monkeypatch, statuses,
     assert prover.calls[0] < prover.calls[1]  # case 0 gets half the time left, case 1 the rest
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_forwards_the_provers_lines_per_case(monkeypatch, capsys, progress):
+    prover = FakeProver(["unsat", "unsat"])
+    monkeypatch.setattr("robeval.verify.prove.prove_case", prover)
+    monkeypatch.setattr("robeval.verify.prove.crown_case", crown_proves_nothing)
+    model, spec = two_cases()
+    assert verify(model, spec, timeout=5, progress=progress).status == "holds"
+    err = capsys.readouterr().err
+    if progress:
+        assert "] case 0: fake stage of case 0\n" in err and "] case 1: fake stage of case 1\n" in err
+    else:
+        assert prover.progress == [None, None] and "fake stage" not in err
+
+
 def test_a_sat_from_the_prover_needs_a_replay(monkeypatch):
     model, spec = two_cases()
     monkeypatch.setattr("robeval.verify.prove.crown_case", crown_proves_nothing)
@@ -182,9 +199,9 @@ def test_the_real_prover_is_called_with_a_perf_counter_deadline(monkeypatch):
     seen = []
     real = prove.prove_case
 
-    def spy(net, case, deadline, check=None):
+    def spy(net, case, deadline, check=None, progress=None):
         seen.append(deadline - time.perf_counter())
-        return real(net, case, deadline, check=check)
+        return real(net, case, deadline, check=check, progress=progress)
 
     monkeypatch.setattr(prove, "prove_case", spy)
     monkeypatch.setattr(prove, "crown_case", crown_proves_nothing)

@@ -536,3 +536,39 @@ def test_float32_copy_only_when_exact_and_boxes_rounded_outwards():
     flo, fhi = _outward(lo, hi, numpy.dtype(numpy.float32))
     assert flo.dtype == numpy.float32 and (flo.astype(float) <= lo).all() and (fhi.astype(float) >= hi).all()
     assert (flo.astype(float) < lo).any()  # most float64 values are not float32 ones
+
+
+def test_prove_case_progress_reports_each_stage_with_the_bounds_it_reached(monkeypatch):
+    """The progress lines carry the prover's own numbers: alpha-CROWN's worst bound, one line per
+    hidden-layer pass with that pass's worst bound (as in details['tightened_margin']), and one per
+    branch-and-bound round that left domains open, counting rounds up with a lowest bound that
+    never falls (children are bounded at least as high as their parent)."""
+    import re
+
+    from robeval.verify import prove
+
+    monkeypatch.setattr(prove, "PROGRESS_EVERY", 0.0)  # every round of branch and bound reports
+    rng = numpy.random.default_rng(11)
+    net = as_verification_network(random_mlp(rng, (4, 24, 24, 24, 3)))
+    lo, hi = _box(rng, net, 0.3)
+    y = int(net.forward((lo + hi) / 2).argmax())
+    rows = [numpy.eye(3)[y] - numpy.eye(3)[j] for j in range(3) if j != y]
+    lines = []
+    status, details = prove_case(net, _case(lo, hi, rows), time.perf_counter() + 6,
+                                 settings=BabSettings(batch=8, tighten_first=0.05), progress=lines.append)
+    assert details["stage"] == "bab" and status in ("unsat", "timeout"), details
+    number = r"(-?[0-9.e+-]+|inf)"
+    alpha = [float(m[1]) for m in (re.fullmatch(rf"alpha-CROWN: .*worst bound {number}", t) for t in lines) if m]
+    passes = [float(m[1]) for m in (re.fullmatch(rf"hidden layers pass \d+: .*worst bound {number}", t) for t in lines)
+              if m]
+    bab = [m for m in (re.fullmatch(rf"branch and bound: round (\d+), (\d+) domains bounded, (\d+) open, "
+                                    rf"lowest bound {number}", t) for t in lines) if m]
+    assert len(alpha) == 1 and alpha[0] < 0  # not proven by alpha-CROWN: the search went on
+    assert len(passes) == len(details["tightened"]) >= 2
+    assert passes == pytest.approx(details["tightened_margin"], rel=1e-3)
+    assert len(alpha) + len(passes) + len(bab) == len(lines)
+    rounds = [int(m[1]) for m in bab]
+    assert rounds == list(range(1, len(bab) + 1))
+    assert len(bab) == details["rounds"] - (status == "unsat")  # the round that closes the last domain is silent
+    lowest = [float(m[4]) for m in bab]
+    assert lowest == sorted(lowest) and lowest[0] >= passes[-1] - 1e-9

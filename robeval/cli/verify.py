@@ -34,7 +34,8 @@ def verdict_line(result) -> str:
 @click.option("--counterexample", "cex_path", type=click.Path(dir_okay=False), default=None,
               help="write the VNN-COMP result file here: 'sat' and the counterexample, else the verdict word")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the falsifier's random starts")
-@click.option("--progress/--no-progress", default=False, help="one line per stage on stderr")
+@click.option("--progress/--no-progress", default=False,
+              help="progress lines on stderr: each stage, each hidden-layer pass, branch and bound every 10 s")
 @reports_errors
 def verify(net, prop, timeout, json_path, cex_path, seed, progress):
     """Verify the VNN-LIB property PROP (.vnnlib or .vnnlib.gz) on the network NET (.onnx, .onnx.gz

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy
 
 from ..ir.registry import ElementwiseOp, get_op
+from .bounds import domain_lower, narrow_node, split_clamp, unstable_rows
 
 
 class NotAChain(ValueError):
@@ -102,7 +103,7 @@ class Chain:
         s = splits.get(relu)
         if s is None:
             return lo, hi
-        return numpy.where(s > 0, numpy.maximum(lo, 0.0), lo), numpy.where(s < 0, numpy.minimum(hi, 0.0), hi)
+        return split_clamp(lo, hi, s)
 
     def unstable(self, relu, splits):
         lo, hi = self.pre_bounds(relu, splits)
@@ -278,8 +279,6 @@ def optimised_rows(net, root, lo, hi, A, c, iterations: int, lr: float, deadline
                    dtype=numpy.float32):
     """alpha-CROWN on rows (A, c) of ``net`` over ``root``'s bounds: the chain, the slopes optimised
     per row, and the rigorous engine's lower bounds with them (the verdict; the optimiser only chooses)."""
-    from .bounds import domain_lower
-
     chain = Chain(net, root.bounds, lo, hi, dtype)
     alpha, _, _ = optimise(chain, A, c, initial_alpha(chain, len(c), {}), {}, {}, iterations, lr, deadline=deadline)
     return chain, alpha, domain_lower(net, root, lo, hi, A, c, alpha, relu_inputs=chain.relu_input)
@@ -291,10 +290,6 @@ def tighten_intermediate(net, root, lo, hi, iterations: int = 20, deadline: floa
     unstable neurons with slopes optimised per neuron and bound, computed by the rigorous engine on
     the network's prefix and intersected with ``root``'s bounds (in place, layer by layer, so later
     layers use the tighter ones). Returns how many neurons became stable."""
-    import time
-
-    from .bounds import narrow_node, unstable_rows
-
     chain = Chain(net, root.bounds, lo, hi)
     stabilised = 0
     for relu in chain.relus[1:]:

@@ -88,6 +88,12 @@ def _outward(lo, hi, dtype):
     return flo, fhi
 
 
+def split_clamp(lo, hi, s):
+    """A split ReLU input's bounds: s = +1 (h >= 0) raises lo to 0, s = -1 (h <= 0) lowers hi to 0,
+    s = 0 leaves both (shared by the optimiser and the rigorous engine, so both see one domain)."""
+    return numpy.where(s > 0, numpy.maximum(lo, 0.0), lo), numpy.where(s < 0, numpy.minimum(hi, 0.0), hi)
+
+
 def _domain_batch(net, root, lo, hi, n, splits, relu_inputs, bounds=None):
     """A rigorous batch over n subdomains of the box in ``net``'s dtype: ``root``'s node bounds,
     replaced by ``bounds`` (name -> (lo, hi), each (n, *shape)) where given, with each split
@@ -106,9 +112,7 @@ def _domain_batch(net, root, lo, hi, n, splits, relu_inputs, bounds=None):
     batch = _Batch(net, lo, 0.0, "linf", None, box=(lo, hi), node_bounds=per_domain)
     for relu, s in (splits or {}).items():
         h = relu_inputs[relu]
-        blo, bhi = batch.bounds[h]
-        batch.bounds[h] = (numpy.where(s > 0, numpy.maximum(blo, 0.0), blo),
-                           numpy.where(s < 0, numpy.minimum(bhi, 0.0), bhi))
+        batch.bounds[h] = split_clamp(*batch.bounds[h], s)
     return batch
 
 

@@ -71,15 +71,36 @@ def crown_case(net, case) -> tuple[str, dict]:
                     "crown_proven_rows": int(stage.proven_rows.sum()), "time": time.perf_counter() - start}
 
 
+#: Seconds between two progress lines of the branch and bound search (its first round always reports).
+PROGRESS_EVERY = 10.0
+
+
+def _bab_reporter(say):
+    """run_bab's per-round callback, as at most one ``say`` line per ``PROGRESS_EVERY`` seconds."""
+    last = [-math.inf]
+
+    def report(outcome, open_domains):
+        now = time.perf_counter()
+        if now - last[0] >= PROGRESS_EVERY:
+            last[0] = now
+            say(f"branch and bound: round {outcome.rounds}, {outcome.domains_bounded} domains "
+                f"bounded, {open_domains} open, lowest bound {outcome.lowest:.4g}")
+    return report
+
+
 def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabSettings | None = None,
                progress=None) -> tuple[str, dict]:
     """('unsat' | 'sat' | 'unknown' | 'timeout', details) for one case (``deadline``: a
     ``time.perf_counter()`` value). 'sat' only when ``check(x)`` (a replay of the candidate point
     ``x``, flat) accepted a point found during branch and bound; details then hold it under 'x'.
+    ``progress(text)``: gets a line after each stage, each hidden-layer pass, and every
+    ``PROGRESS_EVERY`` seconds of branch and bound (the worst bound over the open disjuncts: the
+    property is proven once it is > 0).
 
     details: 'stage' that decided, 'rows' and 'proven' per stage, BaB 'rounds' and 'domains'."""
     settings = settings or BabSettings()
     start = time.perf_counter()
+    say = progress or (lambda text: None)
     if any(len(d.b) == 0 for d in case.disjuncts):  # no output condition: every box point is unsafe
         return "unknown", {"stage": "none", "note": "a disjunct has no output constraint; nothing to prove",
                            "time": 0.0}
@@ -116,6 +137,8 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
         return rows, chain, alpha, lower
 
     rows, chain, alpha, lower_a = alpha_stage("alpha_proven_rows")
+    say(f"alpha-CROWN: {details['stabilised']} neurons stabilised, worst bound "
+        f"{_worst_margin(lower_a, owner[rows], todo):.4g}")
     todo = open_disjuncts()
     if not len(todo):
         return "unsat", {**details, "stage": "alpha-crown", "time": time.perf_counter() - start}
@@ -132,6 +155,9 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
             details["tightened"].append(report)
             rows, chain, alpha, lower_a = alpha_stage("tightened_proven_rows")
             details.setdefault("tightened_margin", []).append(_worst_margin(lower_a, owner[rows], todo))
+            say(f"hidden layers pass {len(details['tightened'])}: "
+                f"{sum(r['stabilised'] for r in report.values())} neurons stabilised, worst bound "
+                f"{details['tightened_margin'][-1]:.4g}")
             todo = open_disjuncts()
             if not len(todo):
                 return "unsat", {**details, "stage": "tightened", "time": time.perf_counter() - start}
@@ -150,7 +176,8 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     doms = Domains(A[sel], c[sel], sel, zeros, {k: v[picks] for k, v in alpha.items()},
                    {k: v.copy() for k, v in zeros.items()}, lower_a[picks])
     doms.splits = {k: v.copy() for k, v in zeros.items()}
-    outcome = run_bab(net, chain, root, lo, hi, doms, deadline, settings, strict, check, progress)
+    outcome = run_bab(net, chain, root, lo, hi, doms, deadline, settings, strict, check,
+                      _bab_reporter(say) if progress else None)
     details.update(stage="bab", rounds=outcome.rounds, domains=outcome.domains_bounded, max_open=outcome.max_open,
                    leaf_lps=outcome.leaf_lps, empty=outcome.empty, open=outcome.open, open_lowest=outcome.lowest,
                    time=time.perf_counter() - start)
@@ -159,4 +186,4 @@ def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabS
     return outcome.status, details
 
 
-__all__ = ["crown_case", "prove_case"]
+__all__ = ["PROGRESS_EVERY", "crown_case", "prove_case"]

@@ -146,7 +146,8 @@ def verify(model: Any, spec: Spec, timeout: float = 60.0, *, seed: int = 0, prog
             are the network input in row-major order.
         timeout: seconds for the whole call.
         seed: seed of the falsifier's random starts.
-        progress: print one line per stage to stderr.
+        progress: print a line per stage to stderr, and the prover's own (each hidden-layer pass,
+            every few seconds of branch and bound, with the worst bound so far).
     Returns:
         A ``VerifyResult``; ``status`` is 'holds' only when every case was proven, 'violated' only
         with a replayed counterexample.
@@ -263,7 +264,8 @@ class _Run:
             return cex is not None
 
         try:
-            status, detail = prove_case(self.net, case, case_deadline, check=check)
+            say = (lambda text: self.say(f"case {i}: {text}")) if self.progress else None
+            status, detail = prove_case(self.net, case, case_deadline, check=check, progress=say)
         except (UnsupportedOpError, UnsupportedRuleError) as exc:  # no bound for this network: not provable here
             status, detail = "unknown", {"stage": "prove", "note": str(exc)}
         if status == "sat":

@@ -218,6 +218,38 @@ def test_branch_and_bound_against_brute_force_on_two_inputs():
     assert safe >= 5 and proved >= 0.8 * safe
 
 
+def test_relaxation_corner_that_violates_the_row_is_returned_as_sat_after_alpha_crown():
+    """Every ReLU active on the box: the relaxation is exact and its minimising corner is the
+    network's lowest point; a row violated only there (the centre is safe) is 'sat' right after
+    alpha-CROWN, with that corner, once the replay accepts it, and never when it refuses."""
+    wa = numpy.array([[1.0, 0.5], [-2.0, 1.0], [-1.0, 0.3]])  # (3 hidden, 2 inputs)
+    wb = numpy.array([[1.0, -1.0, 0.5], [0.0, 2.0, -1.0]])  # (2 outputs, 3 hidden)
+    nodes = [Node("a", "dense", ("input",), {"weight": wa, "bias": numpy.full(3, 10.0)}),
+             Node("r", "relu", ("a",)), Node("b", "dense", ("r",), {"weight": wb, "bias": numpy.zeros(2)})]
+    net = as_verification_network(Network(nodes, (2,)))
+    lo, hi = numpy.array([[-1.0, -1.0]]), numpy.array([[1.0, 1.0]])
+    row = numpy.array([1.0, -1.0])
+    grad = row @ wb @ wa  # d(row . f)/dx where every ReLU is active
+    lowest = numpy.where(grad > 0, lo, hi).reshape(-1)
+    centre_value = row @ net.forward(numpy.zeros((1, 2))).reshape(-1)
+    shift = centre_value - 0.5 * (centre_value - row @ net.forward(lowest.reshape(1, 2)).reshape(-1))
+    case = _case(lo, hi, [row])
+    case.disjuncts[0].b[:] = shift  # row . f(x) <= shift: false at the centre, true at the corner
+    seen = []
+
+    def accept(x):
+        seen.append(x.copy())
+        return True
+
+    status, details = prove_case(net, case, time.perf_counter() + 10, check=accept)
+    assert status == "sat" and details["stage"] == "alpha-crown"
+    numpy.testing.assert_array_equal(details["x"], lowest)
+    assert row @ net.forward(details["x"].reshape(1, 2)).reshape(-1) <= shift < centre_value
+    assert len(seen) == 1
+    status, details = prove_case(net, case, time.perf_counter() + 10, check=lambda x: False)
+    assert status != "sat" and "x" not in details
+
+
 def _mnist_fc(name):
     path = SHARED / "vnncomp" / "mnist_fc"
     if not (path / "onnx" / f"{name}.onnx.gz").exists():

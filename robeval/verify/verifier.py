@@ -36,6 +36,9 @@ QUICK_SEARCH = {"restarts": 2, "steps": 25}
 SEARCH_ROUNDS = 5
 #: Verdicts and their VNN-COMP names.
 VNNCOMP = {"holds": "unsat", "violated": "sat", "unknown": "unknown", "timeout": "timeout"}
+#: How the prover's point was found, by the stage that returned it (``prove_case`` details).
+PROVER_FINDS = {"bab": "branch and bound", "alpha-crown": "alpha-CROWN corner",
+                "tightened": "corner after a hidden-layer pass"}
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ class _Run:
                 else:
                     replayed.append(cex)
             if replayed:
-                return self.found(i, t0, replayed[0], "branch and bound")
+                return self.found(i, t0, replayed[0], PROVER_FINDS.get(detail.get("stage"), "branch and bound"))
         if status not in ("unsat", "unknown", "timeout"):
             status = "unknown"
         self.results[i] = CaseResult(i, status, time.perf_counter() - t0, dict(detail))

@@ -523,7 +523,8 @@ def test_refined_bounds_need_fewer_domains_for_the_same_verdicts():
     """Deeper tiny nets, properties that hold (exact MILP minimum > 0) and need some branching: with
     each domain's intermediate bounds recomputed under its splits, branch and bound proves each of
     them, as it does without, with fewer domains in all (and finds empty subdomains). The hidden-layer
-    stage is off: it would prove most of them before the search."""
+    stage is off: it would prove most of them before the search; 3 branching candidates, so that
+    enough of these small properties need 50 or more domains without refinement."""
     totals = {True: 0, False: 0}
     empty = cases = 0
     for seed in range(40):
@@ -538,7 +539,7 @@ def test_refined_bounds_need_fewer_domains_for_the_same_verdicts():
         for refine in (False, True):
             status, details = prove_case(net, _case(lo, hi, [row]), time.perf_counter() + 30,
                                          settings=BabSettings(batch=8, max_domains=20000, refine=refine,
-                                                               tighten=False))
+                                                               tighten=False, candidates=3))
             assert status == "unsat", (seed, refine, details)
             domains[refine] = details.get("domains", 0)
             empty += details.get("empty", 0) if refine else 0

@@ -55,7 +55,7 @@ class BabSettings:
     root_iterations: int = 60
     intermediate_iterations: int = 30
     max_domains: int = 50_000
-    candidates: int = 3
+    candidates: int = 16
     lr_alpha: float = 0.1
     lr_beta: float = 0.05
     dtype: str = "float32"

@@ -124,7 +124,7 @@ def split_choices(chain: Chain, doms: Domains, settings: BabSettings):
     return numpy.concatenate([p[0] for p in parts]), numpy.concatenate([p[1] for p in parts])
 
 
-def choose_splits(chain: Chain, doms: Domains, candidates: int = 3):
+def choose_splits(chain: Chain, doms: Domains, candidates: int = BabSettings.candidates):
     """(relu index, flat neuron index) per domain; relu -1 where nothing is left to split.
 
     Filtered smart branching (De Palma et al. 2021, as in alpha-beta-CROWN): the ``candidates``

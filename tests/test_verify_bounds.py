@@ -588,7 +588,7 @@ def test_prove_case_progress_reports_each_stage_with_the_bounds_it_reached(monke
     rows = [numpy.eye(3)[y] - numpy.eye(3)[j] for j in range(3) if j != y]
     lines = []
     status, details = prove_case(net, _case(lo, hi, rows), time.perf_counter() + 6,
-                                 settings=BabSettings(batch=8, tighten_first=0.05), progress=lines.append)
+                                 settings=BabSettings(batch=8, tighten_first=0.05, candidates=3), progress=lines.append)
     assert details["stage"] == "bab" and status in ("unsat", "timeout"), details
     number = r"(-?[0-9.e+-]+|inf)"
     alpha = [float(m[1]) for m in (re.fullmatch(rf"alpha-CROWN: .*worst bound {number}", t) for t in lines) if m]

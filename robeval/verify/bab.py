@@ -296,10 +296,10 @@ def run_bab(net, chain: Chain, root, lo, hi, doms: Domains, deadline: float, set
         proven = (kids.bound > 0) | (strict & (kids.bound >= 0))
         open_kids = kids.take(numpy.nonzero(~proven)[0])
         if len(open_kids) and check is not None:
-            for x in corner_candidates(net, chain.with_bounds(open_kids.bounds), open_kids):
-                if check(x):
-                    out.status, out.counterexample = "sat", x
-                    return out
+            x = replayed_corner(net, chain.with_bounds(open_kids.bounds), open_kids, check)
+            if x is not None:
+                out.status, out.counterexample = "sat", x
+                return out
         pool.push(open_kids)
         if not len(pool):
             return out
@@ -382,4 +382,9 @@ def corner_candidates(net, chain: Chain, doms: Domains, limit: int = 4) -> list:
     return [result.corner[i].copy() for i in bad]
 
 
-__all__ = ["BabOutcome", "BabSettings", "Domains", "run_bab"]
+def replayed_corner(net, chain: Chain, doms: Domains, check):
+    """The first of ``corner_candidates`` that ``check`` (the replay) accepts, or None."""
+    return next((x for x in corner_candidates(net, chain, doms) if check(x)), None)
+
+
+__all__ = ["BabOutcome", "BabSettings", "Domains", "replayed_corner", "run_bab"]

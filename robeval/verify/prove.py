@@ -14,7 +14,7 @@ import time
 import numpy
 
 from .alpha import Chain, NotAChain, optimised_rows, tighten_intermediate
-from .bab import BabSettings, Domains, corner_candidates, run_bab
+from .bab import BabSettings, Domains, replayed_corner, run_bab
 from .bounds import as_verification_network, box_bounds, spec_lower
 from .tighten import bab_intermediate
 
@@ -104,10 +104,7 @@ def _corner_counterexample(net, chain, root, A, c, rows, alpha, lower, check):
     the property and branch and bound never found a point (timeout)."""
     if check is None:
         return None
-    for x in corner_candidates(net, chain, _root_domains(chain, root, A, c, rows, alpha, lower)):
-        if check(x):
-            return x
-    return None
+    return replayed_corner(net, chain, _root_domains(chain, root, A, c, rows, alpha, lower), check)
 
 
 def prove_case(net, case, deadline: float = math.inf, check=None, settings: BabSettings | None = None,
